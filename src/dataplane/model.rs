@@ -1,0 +1,211 @@
+//! What the kernel should hold, as plain data, and the difference to what it holds.
+//!
+//! Backends describe their entries as a [`State`]; the netlink layer reads the
+//! kernel into the same shape; [`diff`] says what to add, replace and delete.
+//! No I/O here.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+
+use crate::lease::Mac;
+
+/// Which device a route leaves through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Dev {
+    /// The flannel VXLAN device of the route's family.
+    Overlay,
+    /// The underlay interface (host-gw, DirectRouting).
+    Underlay,
+}
+
+/// A route to a peer's subnet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub via: IpAddr,
+    pub dev: Dev,
+    /// `onlink`: the gateway is on the device even though no address says so (vxlan).
+    pub onlink: bool,
+}
+
+/// Entries keyed so that each key has at most one owner: a destination subnet,
+/// a neighbour address, a MAC in the forwarding database.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct State {
+    pub routes: BTreeMap<IpNetwork, Route>,
+    /// Permanent neighbours on the overlay device: peer VTEP address → VTEP MAC.
+    pub neighs: BTreeMap<IpAddr, Mac>,
+    /// FDB entries (`self permanent`) on the overlay device: VTEP MAC → peer public IP.
+    pub fdb: BTreeMap<Mac, IpAddr>,
+}
+
+impl State {
+    pub fn len(&self) -> usize {
+        self.routes.len() + self.neighs.len() + self.fdb.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One kind's changes: `set` holds additions and replacements, `del` removals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes<K, V> {
+    pub set: Vec<(K, V)>,
+    pub del: Vec<(K, V)>,
+}
+
+impl<K, V> Default for Changes<K, V> {
+    fn default() -> Self {
+        Changes { set: vec![], del: vec![] }
+    }
+}
+
+impl<K: Ord + Clone, V: PartialEq + Clone> Changes<K, V> {
+    fn between(want: &BTreeMap<K, V>, have: &BTreeMap<K, V>) -> Self {
+        let set = want.iter().filter(|(k, v)| have.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let del = have.iter().filter(|(k, _)| !want.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        Changes { set, del }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.del.is_empty()
+    }
+}
+
+/// What to do to turn `have` into `want`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub routes: Changes<IpNetwork, Route>,
+    pub neighs: Changes<IpAddr, Mac>,
+    pub fdb: Changes<Mac, IpAddr>,
+    /// Stale FDB entries whose MAC stays wanted but whose destination differs
+    /// are replaced in `fdb.set`; an FDB entry can also exist twice for one MAC
+    /// (two destinations) — those extra ones land here.
+    pub fdb_extra: Vec<(Mac, IpAddr)>,
+}
+
+impl Diff {
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty() && self.neighs.is_empty() && self.fdb.is_empty() && self.fdb_extra.is_empty()
+    }
+
+    pub fn ops(&self) -> usize {
+        self.routes.set.len()
+            + self.routes.del.len()
+            + self.neighs.set.len()
+            + self.neighs.del.len()
+            + self.fdb.set.len()
+            + self.fdb.del.len()
+            + self.fdb_extra.len()
+    }
+}
+
+/// The kernel's view; FDB entries may repeat a MAC with several destinations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub state: State,
+    pub fdb_all: Vec<(Mac, IpAddr)>,
+}
+
+/// Computes the changes that make `have` equal `want`.
+pub fn diff(want: &State, have: &Observed) -> Diff {
+    let fdb = Changes::between(&want.fdb, &have.state.fdb);
+    // Any further destination of a MAC beyond the one kept in `state.fdb` is extra.
+    let fdb_extra = have
+        .fdb_all
+        .iter()
+        .filter(|(m, ip)| have.state.fdb.get(m) != Some(ip))
+        .filter(|(m, ip)| want.fdb.get(m) != Some(ip))
+        .copied()
+        .collect();
+    Diff {
+        routes: Changes::between(&want.routes, &have.state.routes),
+        neighs: Changes::between(&want.neighs, &have.state.neighs),
+        fdb,
+        fdb_extra,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mac(i: u8) -> Mac {
+        Mac([0x52, 0, 0, 0, 0, i])
+    }
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+    fn net(s: &str) -> IpNetwork {
+        s.parse().unwrap()
+    }
+    fn vx(i: u8) -> Route {
+        Route { via: ip(&format!("10.244.{i}.0")), dev: Dev::Overlay, onlink: true }
+    }
+
+    fn state(peers: &[u8]) -> State {
+        let mut s = State::default();
+        for &i in peers {
+            s.routes.insert(net(&format!("10.244.{i}.0/24")), vx(i));
+            s.neighs.insert(ip(&format!("10.244.{i}.0")), mac(i));
+            s.fdb.insert(mac(i), ip(&format!("198.18.0.{i}")));
+        }
+        s
+    }
+
+    fn observed(s: State) -> Observed {
+        let fdb_all = s.fdb.iter().map(|(m, i)| (*m, *i)).collect();
+        Observed { state: s, fdb_all }
+    }
+
+    #[test]
+    fn equal_states_need_nothing() {
+        assert!(diff(&state(&[2, 3, 4]), &observed(state(&[2, 3, 4]))).is_empty());
+    }
+
+    #[test]
+    fn adds_and_removes_only_the_difference() {
+        let d = diff(&state(&[2, 3, 5]), &observed(state(&[2, 3, 4])));
+        assert_eq!(d.routes.set, vec![(net("10.244.5.0/24"), vx(5))]);
+        assert_eq!(d.routes.del, vec![(net("10.244.4.0/24"), vx(4))]);
+        assert_eq!(d.neighs.set.len(), 1);
+        assert_eq!(d.neighs.del.len(), 1);
+        assert_eq!(d.fdb.set, vec![(mac(5), ip("198.18.0.5"))]);
+        assert_eq!(d.fdb.del, vec![(mac(4), ip("198.18.0.4"))]);
+        assert_eq!(d.ops(), 6);
+    }
+
+    #[test]
+    fn changed_values_are_replaced() {
+        let mut have = state(&[2]);
+        have.fdb.insert(mac(2), ip("198.18.0.99"));
+        have.neighs.insert(ip("10.244.2.0"), mac(9));
+        have.routes.insert(net("10.244.2.0/24"), Route { via: ip("198.18.0.2"), dev: Dev::Underlay, onlink: false });
+        let d = diff(&state(&[2]), &observed(have));
+        assert_eq!(d.fdb.set, vec![(mac(2), ip("198.18.0.2"))]);
+        assert!(d.fdb.del.is_empty());
+        assert_eq!(d.neighs.set, vec![(ip("10.244.2.0"), mac(2))]);
+        assert_eq!(d.routes.set, vec![(net("10.244.2.0/24"), vx(2))]);
+        assert_eq!(d.ops(), 3);
+    }
+
+    #[test]
+    fn duplicate_fdb_destinations_are_removed() {
+        let want = state(&[2]);
+        let mut have = observed(state(&[2]));
+        have.fdb_all.push((mac(2), ip("198.18.0.77")));
+        let d = diff(&want, &have);
+        assert_eq!(d.fdb_extra, vec![(mac(2), ip("198.18.0.77"))]);
+        assert_eq!(d.ops(), 1);
+    }
+
+    #[test]
+    fn empty_want_deletes_everything_owned() {
+        let d = diff(&State::default(), &observed(state(&[2, 3])));
+        assert_eq!(d.ops(), 6);
+        assert!(d.routes.set.is_empty());
+    }
+}

@@ -1,0 +1,396 @@
+//! Leases: a node's subnet and how to reach it, in compact form.
+//!
+//! Both subnet managers turn what they read (Node annotations, etcd values)
+//! into `Lease`s; `PeerSet` keeps the valid ones and refuses conflicting or
+//! hostile ones with one warning each.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use crate::config::netconf::NetConf;
+use crate::subnet;
+
+/// Largest backend-data accepted from a peer.
+pub const MAX_BACKEND_DATA: usize = 4096;
+
+/// A 48-bit MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl std::fmt::Display for Mac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 || parts.iter().any(|p| p.len() != 2) {
+            return Err(format!("{s:?} is not a MAC address"));
+        }
+        let mut m = [0u8; 6];
+        for (i, p) in parts.iter().enumerate() {
+            m[i] = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+        }
+        Ok(Mac(m))
+    }
+}
+
+impl Mac {
+    /// A usable unicast VTEP MAC: not multicast, not all zeros.
+    pub fn is_unicast(&self) -> bool {
+        self.0[0] & 1 == 0 && self.0 != [0; 6]
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// vxlan backend-data, exactly upstream's JSON: `{"VNI":1,"VtepMAC":"…"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VxlanData {
+    #[serde(rename = "VNI")]
+    pub vni: u32,
+    #[serde(rename = "VtepMAC")]
+    pub vtep_mac: Mac,
+}
+
+/// Backend-specific part of a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendData {
+    Vxlan(VxlanData),
+    HostGw,
+}
+
+impl BackendData {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            BackendData::Vxlan(_) => "vxlan",
+            BackendData::HostGw => "host-gw",
+        }
+    }
+
+    /// Compact JSON as upstream writes it (`null` for host-gw).
+    pub fn to_json(&self) -> String {
+        match self {
+            BackendData::Vxlan(d) => serde_json::to_string(d).unwrap_or_default(),
+            BackendData::HostGw => "null".to_string(),
+        }
+    }
+
+    /// Parses peer-supplied backend data of type `ty`.
+    pub fn parse(ty: &str, data: &str) -> Result<BackendData, String> {
+        if data.len() > MAX_BACKEND_DATA {
+            return Err(format!("backend-data is {} bytes, over the {MAX_BACKEND_DATA}-byte limit", data.len()));
+        }
+        match ty {
+            "vxlan" => {
+                let d: VxlanData = serde_json::from_str(data).map_err(|e| format!("backend-data {data:?} is invalid: {e}"))?;
+                if !d.vtep_mac.is_unicast() {
+                    return Err(format!("VtepMAC {} is not a unicast MAC", d.vtep_mac));
+                }
+                Ok(BackendData::Vxlan(d))
+            }
+            "host-gw" => Ok(BackendData::HostGw),
+            other => Err(format!("unsupported backend type {other:?}")),
+        }
+    }
+}
+
+/// One node's lease: the compact state kept per peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub subnet: Option<IpNetwork>,
+    pub ipv6_subnet: Option<IpNetwork>,
+    pub public_ip: Option<Ipv4Addr>,
+    pub public_ipv6: Option<Ipv6Addr>,
+    pub backend: BackendData,
+    pub backend_v6: Option<BackendData>,
+}
+
+/// Why a peer lease was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("subnet {subnet} overlaps {with}")]
+    Conflict { subnet: IpNetwork, with: String },
+}
+
+/// Checks one family's subnet of a peer against the network.
+fn check_subnet(n: &IpNetwork, pool: Option<&crate::config::netconf::Pool>, own: Option<&IpNetwork>) -> Result<(), Refusal> {
+    let Some(pool) = pool else {
+        return Err(Refusal::Invalid(format!("subnet {n} is of a family this network does not enable")));
+    };
+    if !subnet::is_canonical(n) {
+        return Err(Refusal::Invalid(format!("subnet {n} has host bits set")));
+    }
+    if !subnet::is_proper_subnet(&pool.network, n) {
+        return Err(Refusal::Invalid(format!("subnet {n} is not a proper subnet of the network {}", pool.network)));
+    }
+    if let Some(own) = own {
+        if subnet::overlaps(n, own) {
+            return Err(Refusal::Conflict { subnet: *n, with: format!("this node's own subnet {own}") });
+        }
+    }
+    Ok(())
+}
+
+impl Lease {
+    /// Validates a peer lease against the network and this node's own lease.
+    pub fn validate_peer(&self, conf: &NetConf, own: &Lease) -> Result<(), Refusal> {
+        if self.backend.type_name() != conf.backend.type_name() {
+            return Err(Refusal::Invalid(format!(
+                "backend type {:?} differs from this node's {:?}",
+                self.backend.type_name(),
+                conf.backend.type_name()
+            )));
+        }
+        if self.subnet.is_none() && self.ipv6_subnet.is_none() {
+            return Err(Refusal::Invalid("no subnet".into()));
+        }
+        if let Some(n) = &self.subnet {
+            check_subnet(n, conf.v4.as_ref(), own.subnet.as_ref())?;
+            let ip = self.public_ip.ok_or_else(|| Refusal::Invalid("no public IPv4 address".into()))?;
+            if !usable_unicast(IpAddr::V4(ip)) {
+                return Err(Refusal::Invalid(format!("public IP {ip} is not a usable unicast address")));
+            }
+        }
+        if let Some(n) = &self.ipv6_subnet {
+            check_subnet(n, conf.v6.as_ref(), own.ipv6_subnet.as_ref())?;
+            let ip = self.public_ipv6.ok_or_else(|| Refusal::Invalid("no public IPv6 address".into()))?;
+            if !usable_unicast(IpAddr::V6(ip)) {
+                return Err(Refusal::Invalid(format!("public IPv6 {ip} is not a usable unicast address")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Not unspecified, loopback, multicast or broadcast.
+pub fn usable_unicast(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_loopback() || v6.is_multicast()),
+    }
+}
+
+/// The accepted peer leases, keyed by peer name (node name or etcd key).
+///
+/// First come, first served: a lease whose subnet overlaps an accepted peer's
+/// is refused, so a second Node claiming an existing podCIDR cannot hijack it.
+/// When the holder goes away, refused claimants are reconsidered.
+#[derive(Debug, Default, Clone)]
+pub struct PeerSet {
+    accepted: BTreeMap<String, Lease>,
+    /// Valid on their own but conflicting with an accepted peer.
+    waiting: BTreeMap<String, Lease>,
+}
+
+/// What changed in the accepted set after an update.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub changed: bool,
+    pub refused: Vec<(String, Refusal)>,
+}
+
+impl PeerSet {
+    pub fn accepted(&self) -> &BTreeMap<String, Lease> {
+        &self.accepted
+    }
+
+    pub fn len(&self) -> usize {
+        self.accepted.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.accepted.is_empty()
+    }
+
+    fn conflict(&self, name: &str, lease: &Lease) -> Option<Refusal> {
+        for (other, l) in &self.accepted {
+            if other == name {
+                continue;
+            }
+            for (mine, theirs) in [(&lease.subnet, &l.subnet), (&lease.ipv6_subnet, &l.ipv6_subnet)] {
+                if let (Some(a), Some(b)) = (mine, theirs) {
+                    if subnet::overlaps(a, b) {
+                        return Some(Refusal::Conflict { subnet: *a, with: format!("peer {other}'s subnet {b}") });
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Adds or replaces `name`'s lease. Invalid or conflicting leases are refused
+    /// (and any earlier accepted lease of the same name is dropped).
+    pub fn upsert(&mut self, name: &str, lease: Lease, conf: &NetConf, own: &Lease) -> Outcome {
+        let mut out = Outcome::default();
+        if self.accepted.get(name) == Some(&lease) {
+            return out;
+        }
+        self.waiting.remove(name);
+        if let Err(r) = lease.validate_peer(conf, own) {
+            out.changed = self.accepted.remove(name).is_some();
+            out.refused.push((name.to_string(), r));
+            if out.changed {
+                self.promote_waiting(conf, own, &mut out);
+            }
+            return out;
+        }
+        if let Some(r) = self.conflict(name, &lease) {
+            out.changed = self.accepted.remove(name).is_some();
+            out.refused.push((name.to_string(), r));
+            self.waiting.insert(name.to_string(), lease);
+            if out.changed {
+                self.promote_waiting(conf, own, &mut out);
+            }
+            return out;
+        }
+        self.accepted.insert(name.to_string(), lease);
+        out.changed = true;
+        // The old subnet of this name may have freed room for a waiting peer.
+        self.promote_waiting(conf, own, &mut out);
+        out
+    }
+
+    /// Removes `name`; a peer waiting for its subnet may take it now.
+    pub fn remove(&mut self, name: &str, conf: &NetConf, own: &Lease) -> Outcome {
+        let mut out = Outcome::default();
+        self.waiting.remove(name);
+        if self.accepted.remove(name).is_some() {
+            out.changed = true;
+            self.promote_waiting(conf, own, &mut out);
+        }
+        out
+    }
+
+    /// Re-validates everything against a new own lease (e.g. after it changed).
+    pub fn revalidate(&mut self, conf: &NetConf, own: &Lease) -> Outcome {
+        let all: Vec<(String, Lease)> =
+            std::mem::take(&mut self.accepted).into_iter().chain(std::mem::take(&mut self.waiting)).collect();
+        let mut out = Outcome { changed: true, refused: vec![] };
+        for (name, lease) in all {
+            out.refused.extend(self.upsert(&name, lease, conf, own).refused);
+        }
+        out
+    }
+
+    fn promote_waiting(&mut self, conf: &NetConf, own: &Lease, out: &mut Outcome) {
+        let names: Vec<String> = self.waiting.keys().cloned().collect();
+        for n in names {
+            let lease = self.waiting[&n].clone();
+            if self.conflict(&n, &lease).is_none() && lease.validate_peer(conf, own).is_ok() {
+                self.waiting.remove(&n);
+                self.accepted.insert(n, lease);
+                out.changed = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf() -> NetConf {
+        NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap()
+    }
+
+    fn lease(subnet: &str, ip: &str, mac: &str) -> Lease {
+        Lease {
+            subnet: Some(subnet.parse().unwrap()),
+            ipv6_subnet: None,
+            public_ip: Some(ip.parse().unwrap()),
+            public_ipv6: None,
+            backend: BackendData::Vxlan(VxlanData { vni: 1, vtep_mac: mac.parse().unwrap() }),
+            backend_v6: None,
+        }
+    }
+
+    fn own() -> Lease {
+        lease("10.244.1.0/24", "198.18.0.11", "52:82:d5:a1:90:4d")
+    }
+
+    #[test]
+    fn backend_data_json_is_upstreams() {
+        let d = BackendData::Vxlan(VxlanData { vni: 1, vtep_mac: "82:cd:b6:82:3c:70".parse().unwrap() });
+        assert_eq!(d.to_json(), r#"{"VNI":1,"VtepMAC":"82:cd:b6:82:3c:70"}"#);
+        assert_eq!(BackendData::parse("vxlan", &d.to_json()).unwrap(), d);
+        assert_eq!(BackendData::HostGw.to_json(), "null");
+        assert!(BackendData::parse("vxlan", "{").is_err());
+        assert!(BackendData::parse("vxlan", r#"{"VNI":1,"VtepMAC":"zz"}"#).is_err());
+        assert!(BackendData::parse("vxlan", r#"{"VNI":1,"VtepMAC":"01:00:5e:00:00:01"}"#).is_err());
+        assert!(BackendData::parse("vxlan", &" ".repeat(5000)).unwrap_err().contains("limit"));
+        assert!(BackendData::parse("udp", "{}").is_err());
+    }
+
+    #[test]
+    fn hostile_leases_are_refused() {
+        let c = conf();
+        let o = own();
+        let good = lease("10.244.2.0/24", "198.18.0.12", "52:82:d5:a1:90:4e");
+        assert!(good.validate_peer(&c, &o).is_ok());
+        for bad in [
+            lease("10.245.2.0/24", "198.18.0.12", "52:82:d5:a1:90:4e"),
+            lease("0.0.0.0/0", "198.18.0.12", "52:82:d5:a1:90:4e"),
+            lease("10.244.0.0/16", "198.18.0.12", "52:82:d5:a1:90:4e"),
+            lease("10.244.1.0/24", "198.18.0.12", "52:82:d5:a1:90:4e"),
+            lease("10.244.0.0/20", "198.18.0.12", "52:82:d5:a1:90:4e"),
+            lease("10.244.2.5/24", "198.18.0.12", "52:82:d5:a1:90:4e"),
+            lease("10.244.2.0/24", "0.0.0.0", "52:82:d5:a1:90:4e"),
+            lease("10.244.2.0/24", "224.0.0.1", "52:82:d5:a1:90:4e"),
+            Lease { backend: BackendData::HostGw, ..good.clone() },
+        ] {
+            assert!(bad.validate_peer(&c, &o).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn first_holder_keeps_subnet_until_it_leaves() {
+        let (c, o) = (conf(), own());
+        let mut set = PeerSet::default();
+        assert!(set.upsert("n2", lease("10.244.2.0/24", "198.18.0.12", "52:00:00:00:00:02"), &c, &o).changed);
+        let out = set.upsert("evil", lease("10.244.2.0/24", "198.18.0.66", "52:00:00:00:00:66"), &c, &o);
+        assert!(!out.changed);
+        assert_eq!(out.refused.len(), 1);
+        assert_eq!(set.accepted()["n2"].public_ip.unwrap().to_string(), "198.18.0.12");
+        // Same lease again is a no-op.
+        assert_eq!(set.upsert("n2", lease("10.244.2.0/24", "198.18.0.12", "52:00:00:00:00:02"), &c, &o), Outcome::default());
+        // When n2 leaves, the waiting claimant is accepted.
+        let out = set.remove("n2", &c, &o);
+        assert!(out.changed);
+        assert!(set.accepted().contains_key("evil"));
+        assert_eq!(set.len(), 1);
+    }
+
+    #[test]
+    fn a_peer_turning_bad_is_dropped() {
+        let (c, o) = (conf(), own());
+        let mut set = PeerSet::default();
+        set.upsert("n2", lease("10.244.2.0/24", "198.18.0.12", "52:00:00:00:00:02"), &c, &o);
+        let out = set.upsert("n2", lease("10.99.0.0/24", "198.18.0.12", "52:00:00:00:00:02"), &c, &o);
+        assert!(out.changed);
+        assert!(set.is_empty());
+        // And moving to another valid subnet works.
+        set.upsert("n2", lease("10.244.3.0/24", "198.18.0.12", "52:00:00:00:00:02"), &c, &o);
+        assert_eq!(set.accepted()["n2"].subnet.unwrap().to_string(), "10.244.3.0/24");
+    }
+}
