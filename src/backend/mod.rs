@@ -1,0 +1,59 @@
+//! Backends: how traffic to a peer's subnet leaves this node.
+//!
+//! A backend prepares its devices and then only *describes* what the kernel must
+//! hold for a set of peers ([`Backend::desired`]); the daemon diffs that against
+//! the kernel and applies the difference through the one netlink layer.
+
+use std::future::Future;
+
+use crate::config::netconf::{BackendConf, NetConf};
+use crate::dataplane::model::State;
+use crate::dataplane::netlink::{Devices, Netlink};
+use crate::iface::ExternalInterface;
+use crate::lease::{BackendData, Lease, PeerSet};
+
+pub mod hostgw;
+pub mod vxlan;
+
+/// What a prepared backend publishes with the lease, and the MTU for pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    pub mtu: u32,
+    pub data: BackendData,
+}
+
+/// A peer the backend cannot serve, and why (logged once by the daemon).
+pub type Skipped = Vec<(String, String)>;
+
+pub trait Backend: Send + 'static {
+    fn type_name(&self) -> &'static str;
+
+    /// Creates or adopts the backend's devices (before the lease is known: the
+    /// lease publishes their addresses).
+    fn prepare(&mut self, nl: &Netlink, ext: &ExternalInterface) -> impl Future<Output = anyhow::Result<Prepared>> + Send;
+
+    /// Makes the devices carry this node's lease (addresses, link up). Idempotent:
+    /// also used to repair them. Returns true if a device had to be re-created.
+    fn configure(&mut self, nl: &Netlink, ext: &ExternalInterface, own: &Lease) -> impl Future<Output = anyhow::Result<bool>> + Send;
+
+    /// The devices the IPv4 entries live on.
+    fn devices(&self, ext: &ExternalInterface) -> Devices;
+
+    /// Pure: the entries the kernel must hold for `peers`.
+    fn desired(&self, ext: &ExternalInterface, peers: &PeerSet) -> (State, Skipped);
+}
+
+/// Which backend the configuration asks for.
+pub enum Any {
+    Vxlan(vxlan::Vxlan),
+    HostGw(hostgw::HostGw),
+}
+
+impl Any {
+    pub fn from_conf(conf: &NetConf) -> Any {
+        match &conf.backend {
+            BackendConf::Vxlan(v) => Any::Vxlan(vxlan::Vxlan::new(v.clone())),
+            BackendConf::HostGw => Any::HostGw(hostgw::HostGw),
+        }
+    }
+}

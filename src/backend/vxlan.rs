@@ -1,0 +1,284 @@
+//! vxlan: the `flannel.<VNI>` device and, per peer, upstream's three entries:
+//! route `<subnet> via <subnet addr> dev flannel.1 onlink`, a permanent
+//! neighbour `<subnet addr> lladdr <VtepMAC>`, and an FDB entry
+//! `<VtepMAC> dst <public IP> self permanent`.
+
+use std::net::IpAddr;
+
+use anyhow::Context;
+use ipnetwork::IpNetwork;
+
+use crate::config::netconf::VxlanConf;
+use crate::dataplane::model::{Dev, Route, State};
+use crate::dataplane::netlink::{Devices, Link, Netlink, VxlanAttrs, VxlanSpec};
+use crate::iface::ExternalInterface;
+use crate::lease::{BackendData, Lease, Mac, PeerSet, VxlanData};
+
+use super::{hostgw, Backend, Prepared, Skipped};
+
+/// Linux's VXLAN port when none is given (IANA's is 4789; the kernel keeps 8472).
+pub const KERNEL_DEFAULT_PORT: u16 = 8472;
+
+pub struct Vxlan {
+    conf: VxlanConf,
+    link: Option<Link>,
+    spec: Option<VxlanSpec>,
+}
+
+impl Vxlan {
+    pub fn new(conf: VxlanConf) -> Vxlan {
+        Vxlan { conf, link: None, spec: None }
+    }
+
+    pub fn device_name(&self) -> String {
+        format!("flannel.{}", self.conf.vni)
+    }
+
+    fn spec(&self, ext: &ExternalInterface) -> VxlanSpec {
+        VxlanSpec {
+            name: self.device_name(),
+            attrs: VxlanAttrs {
+                vni: self.conf.vni,
+                local: ext.iface_addr.map(IpAddr::V4),
+                underlay: Some(ext.index),
+                port: self.conf.port,
+                gbp: self.conf.gbp,
+                learning: self.conf.learning,
+            },
+            mac: self.conf.mac_prefix.as_ref().map(|p| random_mac(p)),
+            mtu: self.conf.mtu,
+        }
+    }
+
+    /// Finds a reusable device or (re)creates it. Returns the link and whether it is new.
+    async fn ensure_device(&mut self, nl: &Netlink, spec: &VxlanSpec) -> anyhow::Result<(Link, bool)> {
+        if let Some(l) = nl.link_by_name(&spec.name).await? {
+            if compatible(&l, &spec.attrs) {
+                return Ok((l, false));
+            }
+            tracing::warn!("{} exists with incompatible attributes ({:?}); re-creating it", spec.name, l.vxlan);
+            nl.delete_link(l.index).await?;
+        }
+        match nl.create_vxlan(spec).await {
+            Ok(()) => {}
+            // Someone else (another agent start racing us) created it meanwhile.
+            Err(e) if e.errno() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e).context("creating the VXLAN device"),
+        }
+        let l = nl.link_by_name(&spec.name).await?.with_context(|| format!("{} vanished after creation", spec.name))?;
+        tracing::info!("created {} (index {}, MAC {:?}, MTU {})", l.name, l.index, l.mac.map(|m| m.to_string()), l.mtu);
+        Ok((l, true))
+    }
+}
+
+/// Attributes that must match for an existing device to be reused as is.
+pub fn compatible(l: &Link, want: &VxlanAttrs) -> bool {
+    let Some(have) = &l.vxlan else { return false };
+    let port = |p: u16| if p == 0 { KERNEL_DEFAULT_PORT } else { p };
+    have.vni == want.vni
+        && have.local == want.local
+        && (want.underlay.is_none() || have.underlay == want.underlay)
+        && port(have.port) == port(want.port)
+        && have.gbp == want.gbp
+        && have.learning == want.learning
+}
+
+/// A random locally administered unicast MAC starting with `prefix`.
+fn random_mac(prefix: &[u8]) -> Mac {
+    let mut m: [u8; 6] = rand::random();
+    m[0] = (m[0] & 0xfe) | 0x02;
+    for (i, b) in prefix.iter().enumerate().take(6) {
+        m[i] = *b;
+    }
+    Mac(m)
+}
+
+/// The vxlan entries for one peer (IPv4).
+pub fn peer_entries(vni: u32, lease: &Lease) -> Option<(IpNetwork, Route, IpAddr, Mac, IpAddr)> {
+    let (Some(subnet), Some(ip), BackendData::Vxlan(d)) = (lease.subnet, lease.public_ip, lease.backend) else { return None };
+    if d.vni != vni {
+        // Upstream ignores the VNI in peer data too; we only warn through the daemon.
+    }
+    let gw = subnet.network();
+    Some((subnet, Route { via: gw, dev: Dev::Overlay, onlink: true }, gw, d.vtep_mac, IpAddr::V4(ip)))
+}
+
+impl Backend for Vxlan {
+    fn type_name(&self) -> &'static str {
+        "vxlan"
+    }
+
+    async fn prepare(&mut self, nl: &Netlink, ext: &ExternalInterface) -> anyhow::Result<Prepared> {
+        let spec = self.spec(ext);
+        let (mut link, _) = self.ensure_device(nl, &spec).await?;
+        if let Some(mtu) = self.conf.mtu {
+            if link.mtu != mtu {
+                nl.set_mtu(link.index, mtu).await?;
+                link.mtu = mtu;
+            }
+        }
+        let mac = link.mac.with_context(|| format!("{} has no MAC address", link.name))?;
+        let prepared = Prepared { mtu: link.mtu, data: BackendData::Vxlan(VxlanData { vni: self.conf.vni, vtep_mac: mac }) };
+        self.link = Some(link);
+        self.spec = Some(spec);
+        Ok(prepared)
+    }
+
+    async fn configure(&mut self, nl: &Netlink, ext: &ExternalInterface, own: &Lease) -> anyhow::Result<bool> {
+        let spec = self.spec.clone().unwrap_or_else(|| self.spec(ext));
+        let (mut link, created) = self.ensure_device(nl, &spec).await?;
+        if created {
+            // A re-created device has a new MAC unless we give it the old one back:
+            // peers still hold the old one in their neighbour tables.
+            if let Some(old) = self.link.as_ref().and_then(|l| l.mac) {
+                if link.mac != Some(old) {
+                    nl.delete_link(link.index).await?;
+                    nl.create_vxlan(&VxlanSpec { mac: Some(old), ..spec.clone() }).await?;
+                    link = nl.link_by_name(&spec.name).await?.context("device vanished after re-creation")?;
+                }
+            }
+        }
+        if let Some(mtu) = self.conf.mtu {
+            if link.mtu != mtu {
+                nl.set_mtu(link.index, mtu).await?;
+            }
+        }
+        if let Some(subnet) = own.subnet {
+            let want = IpNetwork::new(subnet.network(), 32)?;
+            let have = nl.addresses(link.index).await?;
+            for a in have.iter().filter(|a| a.is_ipv4() && **a != want) {
+                tracing::info!("removing stale address {a} from {}", link.name);
+                nl.del_address(link.index, *a).await?;
+            }
+            if !have.contains(&want) {
+                nl.add_address(link.index, want).await?;
+            }
+        }
+        if !link.up {
+            nl.set_up(link.index).await?;
+            link.up = true;
+        }
+        let changed = created || self.link.as_ref().map(|l| l.index) != Some(link.index);
+        self.link = Some(link);
+        Ok(changed)
+    }
+
+    fn devices(&self, ext: &ExternalInterface) -> Devices {
+        Devices { overlay: self.link.as_ref().map(|l| l.index), underlay: ext.index }
+    }
+
+    fn desired(&self, ext: &ExternalInterface, peers: &PeerSet) -> (State, Skipped) {
+        let mut s = State::default();
+        let skipped = Vec::new();
+        for lease in peers.accepted().values() {
+            if self.conf.direct_routing {
+                if let Ok(Some((dst, r))) = hostgw::peer_route(ext, lease) {
+                    s.routes.insert(dst, r);
+                    continue;
+                }
+            }
+            if let Some((subnet, route, gw, mac, dst)) = peer_entries(self.conf.vni, lease) {
+                s.routes.insert(subnet, route);
+                s.neighs.insert(gw, mac);
+                s.fdb.insert(mac, dst);
+            }
+        }
+        (s, skipped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::netconf::NetConf;
+
+    fn ext() -> ExternalInterface {
+        ExternalInterface {
+            index: 2,
+            name: "eth0".into(),
+            mtu: 1500,
+            iface_addr: Some("198.18.0.11".parse().unwrap()),
+            iface_addr6: None,
+            public_ip: Some("198.18.0.11".parse().unwrap()),
+            public_ipv6: None,
+            networks: vec!["198.18.0.0/24".parse().unwrap()],
+        }
+    }
+
+    fn lease(i: u8, ip: &str) -> Lease {
+        Lease {
+            subnet: Some(format!("10.244.{i}.0/24").parse().unwrap()),
+            ipv6_subnet: None,
+            public_ip: Some(ip.parse().unwrap()),
+            public_ipv6: None,
+            backend: BackendData::Vxlan(VxlanData { vni: 1, vtep_mac: Mac([0x52, 0, 0, 0, 0, i]) }),
+            backend_v6: None,
+        }
+    }
+
+    fn peers(conf: &NetConf) -> PeerSet {
+        let own = lease(1, "198.18.0.11");
+        let mut p = PeerSet::default();
+        p.upsert("n2", lease(2, "198.18.0.12"), conf, &own);
+        p.upsert("far", lease(3, "203.0.113.7"), conf, &own);
+        p
+    }
+
+    #[test]
+    fn vxlan_entries_have_upstreams_form() {
+        let conf = NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let b = Vxlan::new(VxlanConf::default());
+        let (s, skipped) = b.desired(&ext(), &peers(&conf));
+        assert!(skipped.is_empty());
+        let r = s.routes[&"10.244.2.0/24".parse().unwrap()];
+        assert_eq!(r, Route { via: "10.244.2.0".parse().unwrap(), dev: Dev::Overlay, onlink: true });
+        assert_eq!(s.neighs[&"10.244.2.0".parse().unwrap()], Mac([0x52, 0, 0, 0, 0, 2]));
+        assert_eq!(s.fdb[&Mac([0x52, 0, 0, 0, 0, 2])], "198.18.0.12".parse::<IpAddr>().unwrap());
+        assert_eq!(s.len(), 6);
+    }
+
+    #[test]
+    fn direct_routing_uses_underlay_for_on_link_peers_only() {
+        let conf = NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#).unwrap();
+        let b = Vxlan::new(VxlanConf { direct_routing: true, ..Default::default() });
+        let (s, _) = b.desired(&ext(), &peers(&conf));
+        assert_eq!(
+            s.routes[&"10.244.2.0/24".parse().unwrap()],
+            Route { via: "198.18.0.12".parse().unwrap(), dev: Dev::Underlay, onlink: false }
+        );
+        assert!(!s.neighs.contains_key(&"10.244.2.0".parse().unwrap()));
+        assert_eq!(s.routes[&"10.244.3.0/24".parse().unwrap()].dev, Dev::Overlay);
+        assert_eq!(s.len(), 4);
+    }
+
+    #[test]
+    fn host_gw_refuses_off_link_peers() {
+        let conf = NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
+        let own = Lease { backend: BackendData::HostGw, ..lease(1, "198.18.0.11") };
+        let mut p = PeerSet::default();
+        p.upsert("n2", Lease { backend: BackendData::HostGw, ..lease(2, "198.18.0.12") }, &conf, &own);
+        p.upsert("far", Lease { backend: BackendData::HostGw, ..lease(3, "203.0.113.7") }, &conf, &own);
+        let (s, skipped) = hostgw::HostGw.desired(&ext(), &p);
+        assert_eq!(s.routes.len(), 1);
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].0, "far");
+    }
+
+    #[test]
+    fn device_reuse_rules() {
+        let want = VxlanAttrs { vni: 1, local: Some("198.18.0.11".parse().unwrap()), underlay: Some(2), port: 0, gbp: false, learning: false };
+        let mut l = Link { index: 5, name: "flannel.1".into(), mtu: 1450, mac: None, up: true, kind: Some("vxlan".into()), vxlan: Some(VxlanAttrs { port: 8472, ..want.clone() }) };
+        assert!(compatible(&l, &want));
+        l.vxlan.as_mut().unwrap().vni = 2;
+        assert!(!compatible(&l, &want));
+        l.vxlan = None;
+        assert!(!compatible(&l, &want));
+    }
+
+    #[test]
+    fn mac_prefix_is_kept() {
+        let m = random_mac(&[0x0e, 0x2a]);
+        assert_eq!(&m.0[..2], &[0x0e, 0x2a]);
+        assert!(random_mac(&[]).is_unicast());
+    }
+}

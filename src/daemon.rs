@@ -1,0 +1,342 @@
+//! The agent's life: choose the interface, prepare the backend, acquire and
+//! publish the lease, write subnet.env, then reconcile forever.
+//!
+//! Reconciling: peer events update the [`PeerSet`]; the backend describes the
+//! wanted kernel state; it is diffed against what was last applied (fast path,
+//! after lease changes) or against a fresh kernel dump (after netlink drift
+//! events, failures, and a slow safety timer); only the difference is applied.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use netlink_packet_core::NetlinkPayload;
+use netlink_packet_route::route::RouteAttribute;
+use netlink_packet_route::RouteNetlinkMessage;
+use tokio::sync::mpsc;
+
+use crate::backend::Backend;
+use crate::config::flags::Flags;
+use crate::config::netconf::NetConf;
+use crate::dataplane::model::{diff, Observed, State};
+use crate::dataplane::netlink::{Netlink, Scope};
+use crate::iface::{self, ExternalInterface};
+use crate::lease::{Lease, Outcome, PeerSet};
+use crate::manager::{LeaseEvent, LeaseRequest, PeerRead, SubnetManager};
+use crate::metrics::Metrics;
+use crate::subnet_env::SubnetEnv;
+
+/// Full re-check of the kernel even without events (events can be lost on overflow).
+const SAFETY_RESYNC: Duration = Duration::from_secs(60);
+/// Coalesces bursts of netlink events into one re-check.
+const DRIFT_DEBOUNCE: Duration = Duration::from_millis(50);
+
+pub struct Agent<M, B> {
+    pub flags: Flags,
+    pub conf: NetConf,
+    pub manager: Arc<M>,
+    pub backend: B,
+    pub metrics: Arc<Metrics>,
+    pub queue_depth: usize,
+}
+
+struct Reconciler<B> {
+    nl: Netlink,
+    backend: B,
+    ext: ExternalInterface,
+    own: Lease,
+    conf: NetConf,
+    peers: PeerSet,
+    /// What the kernel holds after our last successful apply; None = unknown.
+    applied: Option<State>,
+    warned: HashMap<String, String>,
+    metrics: Arc<Metrics>,
+    overlay_index: Arc<AtomicU32>,
+    failures: u32,
+}
+
+impl<B: Backend> Reconciler<B> {
+    fn note(&mut self, out: Outcome) -> bool {
+        for (name, why) in out.refused {
+            let why = why.to_string();
+            if self.warned.get(&name) != Some(&why) {
+                tracing::warn!("skipping peer {name}: {why}");
+                self.warned.insert(name, why);
+            }
+        }
+        out.changed
+    }
+
+    fn upsert(&mut self, name: String, read: PeerRead) -> bool {
+        match read {
+            Ok(Some(lease)) => {
+                let out = self.peers.upsert(&name, lease, &self.conf, &self.own);
+                if out.refused.is_empty() {
+                    self.warned.remove(&name);
+                }
+                self.note(out)
+            }
+            Ok(None) => {
+                self.warned.remove(&name);
+                let out = self.peers.remove(&name, &self.conf, &self.own);
+                self.note(out)
+            }
+            Err(why) => {
+                if self.warned.get(&name) != Some(&why) {
+                    tracing::warn!("skipping peer {name}: {why}");
+                    self.warned.insert(name.clone(), why);
+                }
+                let out = self.peers.remove(&name, &self.conf, &self.own);
+                self.note(out)
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: LeaseEvent) -> bool {
+        match ev {
+            LeaseEvent::Upsert(name, read) => self.upsert(name, read),
+            LeaseEvent::Remove(name) => {
+                self.warned.remove(&name);
+                let out = self.peers.remove(&name, &self.conf, &self.own);
+                self.note(out)
+            }
+            LeaseEvent::Snapshot(items) => {
+                // Current holders first, so a re-list cannot hand a subnet to a claimant.
+                let old = std::mem::take(&mut self.peers);
+                let (mut first, rest): (Vec<_>, Vec<_>) =
+                    items.into_iter().partition(|(n, r)| matches!(r, Ok(Some(l)) if old.accepted().get(n) == Some(l)));
+                first.extend(rest);
+                self.warned.clear();
+                for (name, read) in first {
+                    self.upsert(name, read);
+                }
+                true
+            }
+        }
+    }
+
+    /// One pass. `full` re-reads the kernel and repairs devices.
+    async fn reconcile(&mut self, full: bool) -> bool {
+        let started = Instant::now();
+        if full {
+            match self.backend.configure(&self.nl, &self.ext, &self.own).await {
+                Ok(true) => {
+                    tracing::warn!("the flannel device was re-created; re-programming all peers");
+                    self.applied = None;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!("repairing the backend device: {e:#}");
+                    return false;
+                }
+            }
+        }
+        let devices = self.backend.devices(&self.ext);
+        self.overlay_index.store(devices.overlay.unwrap_or(0), Ordering::Relaxed);
+        let (want, skipped) = self.backend.desired(&self.ext, &self.peers);
+        for (name, why) in skipped {
+            if self.warned.get(&name) != Some(&why) {
+                tracing::warn!("not routing to peer {name}: {why}");
+                self.warned.insert(name, why);
+            }
+        }
+        let (Some(network), Some(own)) = (self.conf.v4.as_ref().map(|p| p.network), self.own.subnet) else {
+            return true;
+        };
+        let have = match (&self.applied, full) {
+            (Some(s), false) => Observed { fdb_all: s.fdb.iter().map(|(m, i)| (*m, *i)).collect(), state: s.clone() },
+            _ => match self.nl.observe(devices, Scope { network, own }).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::error!("reading the kernel's state: {e}");
+                    return false;
+                }
+            },
+        };
+        let d = diff(&want, &have);
+        let mut ok = true;
+        if !d.is_empty() {
+            let report = self.nl.apply(&d, devices).await;
+            self.metrics.netlink_ops.add(report.done as u64);
+            self.metrics.netlink_errors.add(report.failed.len() as u64);
+            for e in report.failed.iter().take(5) {
+                tracing::warn!("{e}");
+            }
+            if report.failed.len() > 5 {
+                tracing::warn!("... and {} more netlink errors", report.failed.len() - 5);
+            }
+            ok = report.failed.is_empty();
+            tracing::info!(
+                "programmed {} peers: {} changes ({} routes, {} neighbours, {} fdb) in {:?}{}",
+                self.peers.len(),
+                d.ops(),
+                d.routes.set.len() + d.routes.del.len(),
+                d.neighs.set.len() + d.neighs.del.len(),
+                d.fdb.set.len() + d.fdb.del.len() + d.fdb_extra.len(),
+                started.elapsed(),
+                if full { " (full check)" } else { "" }
+            );
+        }
+        self.applied = ok.then_some(want);
+        self.metrics.peers.set(self.peers.len() as u64);
+        self.metrics.reconciles.inc();
+        self.metrics.reconcile_micros.add(started.elapsed().as_micros() as u64);
+        ok
+    }
+}
+
+/// Watches netlink for changes to what we own; each relevant message kicks a full check.
+fn spawn_drift_monitor(overlay: Arc<AtomicU32>, network: ipnetwork::IpNetwork, kick: mpsc::Sender<()>) -> anyhow::Result<()> {
+    use rtnetlink::MulticastGroup as G;
+    let (conn, _handle, mut msgs) =
+        rtnetlink::new_multicast_connection(&[G::Link, G::Neigh, G::Ipv4Route, G::Ipv4Ifaddr]).context("subscribing to netlink events")?;
+    tokio::spawn(conn);
+    tokio::spawn(async move {
+        while let Some((m, _)) = msgs.next().await {
+            let idx = overlay.load(Ordering::Relaxed);
+            let NetlinkPayload::InnerMessage(msg) = m.payload else { continue };
+            let relevant = match &msg {
+                RouteNetlinkMessage::DelLink(l) | RouteNetlinkMessage::NewLink(l) => l.header.index == idx,
+                RouteNetlinkMessage::DelAddress(a) | RouteNetlinkMessage::NewAddress(a) => a.header.index == idx,
+                RouteNetlinkMessage::DelNeighbour(n) | RouteNetlinkMessage::NewNeighbour(n) => n.header.ifindex == idx,
+                RouteNetlinkMessage::DelRoute(r) | RouteNetlinkMessage::NewRoute(r) => r.attributes.iter().any(|a| match a {
+                    RouteAttribute::Destination(netlink_packet_route::route::RouteAddress::Inet(d)) => {
+                        network.contains(std::net::IpAddr::V4(*d))
+                    }
+                    _ => false,
+                }),
+                _ => false,
+            };
+            if relevant && kick.try_send(()).is_err() && kick.is_closed() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+impl<M: SubnetManager, B: Backend> Agent<M, B> {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let Agent { flags, conf, manager, mut backend, metrics, queue_depth } = self;
+        let nl = Netlink::connect().context("opening netlink")?;
+        let ext = iface::select(&nl, &flags, conf.v4.is_some(), conf.v6.is_some()).await?;
+        tracing::info!(
+            "using interface {} (index {}, MTU {}), address {:?}, public IP {:?}",
+            ext.name,
+            ext.index,
+            ext.mtu,
+            ext.iface_addr,
+            ext.public_ip
+        );
+        let prepared = backend.prepare(&nl, &ext).await.with_context(|| format!("preparing the {} backend", backend.type_name()))?;
+        let req = LeaseRequest { public_ip: ext.public_ip, public_ipv6: ext.public_ipv6, data: prepared.data, data_v6: None };
+        let own = manager.acquire(&conf, &req).await?;
+        tracing::info!("lease acquired: {:?}", own.subnet);
+        backend.configure(&nl, &ext, &own).await.context("configuring the backend device")?;
+        let env = SubnetEnv {
+            network: conf.v4.as_ref().map(|p| p.network),
+            subnet: own.subnet,
+            ipv6_network: conf.v6.as_ref().map(|p| p.network),
+            ipv6_subnet: own.ipv6_subnet,
+            mtu: Some(prepared.mtu),
+            ipmasq: Some(flags.ip_masq),
+        };
+        env.write(&flags.subnet_file)?;
+        tracing::info!("wrote {}", flags.subnet_file.display());
+
+        let (tx, mut rx) = mpsc::channel(queue_depth.max(16));
+        {
+            let m = manager.clone();
+            let c = conf.clone();
+            tokio::spawn(async move { m.watch(&c, tx).await });
+        }
+        {
+            let m = manager.clone();
+            let (o, r) = (own.clone(), req.clone());
+            tokio::spawn(async move { m.keep_alive(&o, &r).await });
+        }
+        let overlay_index = Arc::new(AtomicU32::new(0));
+        let (kick_tx, mut kick_rx) = mpsc::channel(1);
+        if let Some(p) = &conf.v4 {
+            spawn_drift_monitor(overlay_index.clone(), p.network, kick_tx)?;
+        }
+        let mut r = Reconciler {
+            nl,
+            backend,
+            ext,
+            own,
+            conf,
+            peers: PeerSet::default(),
+            applied: None,
+            warned: HashMap::new(),
+            metrics: metrics.clone(),
+            overlay_index,
+            failures: 0,
+        };
+        let mut synced = false;
+        let mut completed = false;
+        let far = || tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+        let mut full_at = far();
+        let mut safety = tokio::time::interval(SAFETY_RESYNC);
+        safety.tick().await;
+        loop {
+            let mut dirty = false;
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { anyhow::bail!("the peer watch stopped") };
+                    if matches!(ev, LeaseEvent::Snapshot(_)) {
+                        if !synced {
+                            full_at = tokio::time::Instant::now();
+                        }
+                        synced = true;
+                    }
+                    dirty |= r.handle(ev);
+                    // Drain what is already queued: one reconcile per burst.
+                    while let Ok(ev) = rx.try_recv() {
+                        if matches!(ev, LeaseEvent::Snapshot(_)) { synced = true; }
+                        dirty |= r.handle(ev);
+                    }
+                }
+                Some(()) = kick_rx.recv() => {
+                    let soon = tokio::time::Instant::now() + DRIFT_DEBOUNCE;
+                    if soon < full_at { full_at = soon; }
+                }
+                _ = tokio::time::sleep_until(full_at) => {}
+                _ = safety.tick() => { full_at = tokio::time::Instant::now(); }
+            }
+            if !synced {
+                continue;
+            }
+            let full = tokio::time::Instant::now() >= full_at || r.applied.is_none();
+            if !(dirty || full) {
+                continue;
+            }
+            if full {
+                full_at = far();
+            }
+            if r.reconcile(full).await {
+                r.failures = 0;
+                if !completed {
+                    completed = true;
+                    metrics.ready.set(1);
+                    let m = manager.clone();
+                    tokio::spawn(async move {
+                        let mut delay = Duration::from_secs(1);
+                        while let Err(e) = m.complete().await {
+                            tracing::warn!("{e:#}; retrying in {delay:?}");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(30));
+                        }
+                    });
+                }
+            } else {
+                r.failures += 1;
+                let backoff = Duration::from_millis(200 * 2u64.pow(r.failures.min(7)));
+                full_at = tokio::time::Instant::now() + backoff.min(Duration::from_secs(30));
+            }
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! The Kubernetes subnet manager (`--kube-subnet-mgr`): the lease is the Node's
+//! `spec.podCIDR`, published through `flannel.alpha.coreos.com/*` annotations on
+//! the Node's status subresource; peers come from a watch over all Nodes.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use futures::{StreamExt, TryStreamExt};
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Client, Config};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use super::{LeaseEvent, LeaseRequest, PeerRead, SubnetManager};
+use crate::config::netconf::NetConf;
+use crate::lease::{BackendData, Lease};
+use crate::metrics::Metrics;
+
+/// Annotation names (after the prefix).
+pub mod names {
+    pub const SUBNET_MANAGER: &str = "kube-subnet-manager";
+    pub const BACKEND_TYPE: &str = "backend-type";
+    pub const BACKEND_DATA: &str = "backend-data";
+    pub const BACKEND_V6_DATA: &str = "backend-v6-data";
+    pub const PUBLIC_IP: &str = "public-ip";
+    pub const PUBLIC_IPV6: &str = "public-ipv6";
+    pub const PUBLIC_IP_OVERWRITE: &str = "public-ip-overwrite";
+    pub const PUBLIC_IPV6_OVERWRITE: &str = "public-ipv6-overwrite";
+}
+
+/// Only the parts of a Node a flanneld reads; the rest of the object (status,
+/// images, conditions) is skipped while decoding.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct NodeLite {
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<NodeSpecLite>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSpecLite {
+    #[serde(default)]
+    pub pod_cidr: Option<String>,
+    #[serde(default)]
+    pub pod_cidrs: Option<Vec<String>>,
+}
+
+impl kube::Resource for NodeLite {
+    type DynamicType = ();
+    type Scope = k8s_openapi::ClusterResourceScope;
+    fn kind(_: &()) -> Cow<'_, str> {
+        "Node".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        "".into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "nodes".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// The pod CIDRs of a node, per family.
+pub fn pod_cidrs(pod_cidr: Option<&str>, pod_cidrs: &[String]) -> Result<(Option<IpNetwork>, Option<IpNetwork>), String> {
+    let mut v4 = None;
+    let mut v6 = None;
+    for s in pod_cidr.into_iter().chain(pod_cidrs.iter().map(String::as_str)) {
+        let n: IpNetwork = s.parse().map_err(|_| format!("podCIDR {s:?} is not a CIDR"))?;
+        let slot = if n.is_ipv4() { &mut v4 } else { &mut v6 };
+        if slot.is_none() {
+            *slot = Some(n);
+        }
+    }
+    Ok((v4, v6))
+}
+
+/// Reads a peer's lease from its annotations and podCIDRs (pure; hostile input safe).
+pub fn lease_from_node(prefix: &str, annotations: &BTreeMap<String, String>, pod_cidr: Option<&str>, pod_cidrs_list: &[String]) -> PeerRead {
+    let get = |n: &str| annotations.get(&format!("{prefix}{n}")).map(String::as_str);
+    if get(names::SUBNET_MANAGER) != Some("true") {
+        return Ok(None);
+    }
+    let ty = get(names::BACKEND_TYPE).ok_or("no backend-type annotation")?;
+    let (v4, v6) = pod_cidrs(pod_cidr, pod_cidrs_list)?;
+    if v4.is_none() && v6.is_none() {
+        return Err("no podCIDR".into());
+    }
+    let mut lease = Lease { subnet: None, ipv6_subnet: None, public_ip: None, public_ipv6: None, backend: BackendData::HostGw, backend_v6: None };
+    if let Some(n) = v4.filter(|_| get(names::BACKEND_DATA).is_some() || get(names::PUBLIC_IP).is_some()) {
+        let data = get(names::BACKEND_DATA).ok_or("no backend-data annotation")?;
+        lease.backend = BackendData::parse(ty, data)?;
+        let ip = get(names::PUBLIC_IP).ok_or("no public-ip annotation")?;
+        lease.public_ip = Some(ip.parse::<Ipv4Addr>().map_err(|_| format!("public-ip {ip:?} is not an IPv4 address"))?);
+        lease.subnet = Some(n);
+    }
+    if let Some(n) = v6.filter(|_| get(names::BACKEND_V6_DATA).is_some() || get(names::PUBLIC_IPV6).is_some()) {
+        let data = get(names::BACKEND_V6_DATA).ok_or("no backend-v6-data annotation")?;
+        let d = BackendData::parse(ty, data)?;
+        let ip = get(names::PUBLIC_IPV6).ok_or("no public-ipv6 annotation")?;
+        lease.public_ipv6 = Some(ip.parse::<Ipv6Addr>().map_err(|_| format!("public-ipv6 {ip:?} is not an IPv6 address"))?);
+        lease.ipv6_subnet = Some(n);
+        if lease.subnet.is_none() {
+            lease.backend = d;
+        }
+        lease.backend_v6 = Some(d);
+    }
+    if lease.subnet.is_none() && lease.ipv6_subnet.is_none() {
+        return Err("no backend-data / public-ip annotations for its podCIDR".into());
+    }
+    Ok(Some(lease))
+}
+
+pub struct KubeManager {
+    client: Client,
+    node_name: String,
+    prefix: String,
+    net_config_path: PathBuf,
+    set_unavailable: bool,
+    queue_depth: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// Settings the kube manager takes from flags and the environment.
+pub struct KubeSettings {
+    pub kubeconfig: String,
+    pub api_url: String,
+    pub prefix: String,
+    pub net_config_path: PathBuf,
+    pub set_unavailable: bool,
+}
+
+impl KubeManager {
+    pub async fn new(s: KubeSettings, metrics: Arc<Metrics>) -> anyhow::Result<KubeManager> {
+        let mut config = if !s.kubeconfig.is_empty() {
+            let kc = Kubeconfig::read_from(&s.kubeconfig).with_context(|| format!("reading kubeconfig {}", s.kubeconfig))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.context("loading kubeconfig")?
+        } else if !s.api_url.is_empty() {
+            Config::incluster().unwrap_or_else(|_| Config::new(s.api_url.parse().expect("checked below")))
+        } else {
+            Config::incluster().context("not in a pod: set --kubeconfig-file or --kube-api-url")?
+        };
+        if !s.api_url.is_empty() {
+            config.cluster_url = s.api_url.parse().with_context(|| format!("--kube-api-url {:?} is not a URL", s.api_url))?;
+        }
+        let client = Client::try_from(config).context("building the Kubernetes client")?;
+        let node_name = node_name(&client).await?;
+        let queue_depth = std::env::var("EVENT_QUEUE_DEPTH").ok().and_then(|v| v.parse().ok()).filter(|v| *v > 0).unwrap_or(5000);
+        Ok(KubeManager {
+            client,
+            node_name,
+            prefix: s.prefix,
+            net_config_path: s.net_config_path,
+            set_unavailable: s.set_unavailable,
+            queue_depth,
+            metrics,
+        })
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.queue_depth
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+
+    fn key(&self, n: &str) -> String {
+        format!("{}{n}", self.prefix)
+    }
+
+    /// The annotations this node must carry, given what it carries now.
+    fn wanted_annotations(&self, have: &BTreeMap<String, String>, conf: &NetConf, req: &LeaseRequest) -> (BTreeMap<String, String>, Option<Ipv4Addr>, Option<Ipv6Addr>) {
+        let mut want = BTreeMap::new();
+        want.insert(self.key(names::SUBNET_MANAGER), "true".to_string());
+        want.insert(self.key(names::BACKEND_TYPE), req.data.type_name().to_string());
+        let mut pub4 = req.public_ip;
+        let mut pub6 = req.public_ipv6;
+        if conf.v4.is_some() {
+            want.insert(self.key(names::BACKEND_DATA), req.data.to_json());
+            if let Some(o) = have.get(&self.key(names::PUBLIC_IP_OVERWRITE)) {
+                match o.parse::<Ipv4Addr>() {
+                    Ok(ip) => pub4 = Some(ip),
+                    Err(_) => tracing::warn!("ignoring {}: {o:?} is not an IPv4 address", self.key(names::PUBLIC_IP_OVERWRITE)),
+                }
+            }
+            if let Some(ip) = pub4 {
+                want.insert(self.key(names::PUBLIC_IP), ip.to_string());
+            }
+        }
+        if conf.v6.is_some() {
+            want.insert(self.key(names::BACKEND_V6_DATA), req.data_v6.unwrap_or(req.data).to_json());
+            if let Some(o) = have.get(&self.key(names::PUBLIC_IPV6_OVERWRITE)) {
+                match o.parse::<Ipv6Addr>() {
+                    Ok(ip) => pub6 = Some(ip),
+                    Err(_) => tracing::warn!("ignoring {}: {o:?} is not an IPv6 address", self.key(names::PUBLIC_IPV6_OVERWRITE)),
+                }
+            }
+            if let Some(ip) = pub6 {
+                want.insert(self.key(names::PUBLIC_IPV6), ip.to_string());
+            }
+        }
+        (want, pub4, pub6)
+    }
+}
+
+/// NODE_NAME, else the nodeName of the pod POD_NAME in POD_NAMESPACE.
+async fn node_name(client: &Client) -> anyhow::Result<String> {
+    if let Ok(n) = std::env::var("NODE_NAME") {
+        if !n.is_empty() {
+            return Ok(n);
+        }
+    }
+    let (Ok(pod), Ok(ns)) = (std::env::var("POD_NAME"), std::env::var("POD_NAMESPACE")) else {
+        bail!("set NODE_NAME, or POD_NAME and POD_NAMESPACE, so flanneld knows its node");
+    };
+    let p: Pod = Api::namespaced(client.clone(), &ns).get(&pod).await.with_context(|| format!("getting pod {ns}/{pod}"))?;
+    p.spec.and_then(|s| s.node_name).filter(|n| !n.is_empty()).with_context(|| format!("pod {ns}/{pod} has no nodeName"))
+}
+
+impl SubnetManager for KubeManager {
+    async fn network_config(&self) -> anyhow::Result<NetConf> {
+        Ok(NetConf::from_file(&self.net_config_path)?)
+    }
+
+    async fn acquire(&self, conf: &NetConf, req: &LeaseRequest) -> anyhow::Result<Lease> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let lite: Api<NodeLite> = Api::all(self.client.clone());
+        // Wait for the podCIDR, event-driven (no polling).
+        let mut stream = watcher::watcher(lite, watcher::Config::default().fields(&format!("metadata.name={}", self.node_name)))
+            .default_backoff()
+            .applied_objects()
+            .boxed();
+        let mut told = false;
+        let (v4, v6) = loop {
+            match stream.try_next().await {
+                Ok(Some(n)) => {
+                    let spec = n.spec.unwrap_or_default();
+                    let (v4, v6) = pod_cidrs(spec.pod_cidr.as_deref(), spec.pod_cidrs.as_deref().unwrap_or(&[]))
+                        .map_err(|e| anyhow::anyhow!("node {}: {e}", self.node_name))?;
+                    if (conf.v4.is_none() || v4.is_some()) && (conf.v6.is_none() || v6.is_some()) {
+                        break (v4, v6);
+                    }
+                    if !told {
+                        tracing::info!("waiting for node {} to be assigned a podCIDR", self.node_name);
+                        told = true;
+                    }
+                }
+                Ok(None) => bail!("watch of node {} ended", self.node_name),
+                Err(e) => {
+                    if !told {
+                        tracing::warn!("waiting for node {}: {e}", self.node_name);
+                        told = true;
+                    }
+                }
+            }
+        };
+        drop(stream);
+        for (n, pool, fam) in [(v4, &conf.v4, "Network"), (v6, &conf.v6, "IPv6Network")] {
+            if let (Some(n), Some(p)) = (n, pool) {
+                if !crate::subnet::is_proper_subnet(&p.network, &n) {
+                    bail!("node {}'s podCIDR {n} is not inside the {fam} {}", self.node_name, p.network);
+                }
+            }
+        }
+        let node = nodes.get(&self.node_name).await.with_context(|| format!("getting node {}", self.node_name))?;
+        let have = node.metadata.annotations.clone().unwrap_or_default();
+        let (want, pub4, pub6) = self.wanted_annotations(&have, conf, req);
+        let differ: BTreeMap<&String, &String> = want.iter().filter(|(k, v)| have.get(*k) != Some(*v)).collect();
+        if differ.is_empty() {
+            tracing::info!("node {} already carries this lease's annotations", self.node_name);
+        } else {
+            let patch = serde_json::json!({ "metadata": { "annotations": differ } });
+            nodes
+                .patch_status(&self.node_name, &PatchParams::default(), &Patch::Strategic(&patch))
+                .await
+                .with_context(|| format!("publishing annotations on node {}", self.node_name))?;
+            tracing::info!("published lease annotations on node {}", self.node_name);
+        }
+        Ok(Lease {
+            subnet: v4.filter(|_| conf.v4.is_some()),
+            ipv6_subnet: v6.filter(|_| conf.v6.is_some()),
+            public_ip: pub4,
+            public_ipv6: pub6,
+            backend: req.data,
+            backend_v6: req.data_v6,
+        })
+    }
+
+    async fn watch(&self, conf: &NetConf, tx: mpsc::Sender<LeaseEvent>) {
+        let _ = conf;
+        let api: Api<NodeLite> = Api::all(self.client.clone());
+        let mut stream = watcher::watcher(api, watcher::Config::default().page_size(500)).default_backoff().boxed();
+        let mut init: Option<Vec<(String, PeerRead)>> = None;
+        let read = |n: &NodeLite| -> (String, PeerRead) {
+            let name = n.metadata.name.clone().unwrap_or_default();
+            let empty = BTreeMap::new();
+            let ann = n.metadata.annotations.as_ref().unwrap_or(&empty);
+            let spec = n.spec.as_ref();
+            let cidr = spec.and_then(|s| s.pod_cidr.as_deref());
+            let cidrs = spec.and_then(|s| s.pod_cidrs.as_deref()).unwrap_or(&[]);
+            (name, lease_from_node(&self.prefix, ann, cidr, cidrs))
+        };
+        while let Some(ev) = stream.next().await {
+            let out = match ev {
+                Ok(Event::Init) => {
+                    init = Some(Vec::new());
+                    None
+                }
+                Ok(Event::InitApply(n)) => {
+                    let (name, lease) = read(&n);
+                    if name != self.node_name {
+                        init.get_or_insert_with(Vec::new).push((name, lease));
+                    }
+                    None
+                }
+                Ok(Event::InitDone) => Some(LeaseEvent::Snapshot(init.take().unwrap_or_default())),
+                Ok(Event::Apply(n)) => {
+                    let (name, lease) = read(&n);
+                    (name != self.node_name).then_some(LeaseEvent::Upsert(name, lease))
+                }
+                Ok(Event::Delete(n)) => {
+                    let name = n.metadata.name.unwrap_or_default();
+                    (name != self.node_name).then_some(LeaseEvent::Remove(name))
+                }
+                Err(e) => {
+                    self.metrics.watch_restarts.inc();
+                    tracing::warn!("watching nodes: {e}; retrying with backoff");
+                    None
+                }
+            };
+            if let Some(ev) = out {
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn complete(&self) -> anyhow::Result<()> {
+        if !self.set_unavailable {
+            return Ok(());
+        }
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let node = nodes.get(&self.node_name).await.with_context(|| format!("getting node {}", self.node_name))?;
+        let already = node
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .into_iter()
+            .any(|c| c.type_ == "NetworkUnavailable" && c.status == "False" && c.reason.as_deref() == Some("FlannelIsUp"));
+        if already {
+            return Ok(());
+        }
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let patch = serde_json::json!({ "status": { "conditions": [{
+            "type": "NetworkUnavailable",
+            "status": "False",
+            "reason": "FlannelIsUp",
+            "message": "Flannel is running on this node",
+            "lastTransitionTime": now,
+            "lastHeartbeatTime": now,
+        }]}});
+        nodes
+            .patch_status(&self.node_name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+            .with_context(|| format!("setting NetworkUnavailable=False on node {}", self.node_name))?;
+        tracing::info!("set NetworkUnavailable=False (FlannelIsUp) on node {}", self.node_name);
+        Ok(())
+    }
+
+    async fn keep_alive(&self, _own: &Lease, _req: &LeaseRequest) {
+        // The podCIDR lease never expires.
+        std::future::pending::<()>().await
+    }
+}
+
+/// The address family of an IP, for messages.
+pub fn fam(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &str = "flannel.alpha.coreos.com/";
+
+    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (format!("{P}{k}"), v.to_string())).collect()
+    }
+
+    fn good() -> BTreeMap<String, String> {
+        ann(&[
+            ("kube-subnet-manager", "true"),
+            ("backend-type", "vxlan"),
+            ("backend-data", r#"{"VNI":1,"VtepMAC":"82:cd:b6:82:3c:70"}"#),
+            ("public-ip", "198.18.0.12"),
+        ])
+    }
+
+    #[test]
+    fn reads_a_running_flanneld_node() {
+        let l = lease_from_node(P, &good(), Some("10.244.2.0/24"), &[]).unwrap().unwrap();
+        assert_eq!(l.subnet.unwrap().to_string(), "10.244.2.0/24");
+        assert_eq!(l.public_ip.unwrap().to_string(), "198.18.0.12");
+        assert_eq!(l.backend.to_json(), r#"{"VNI":1,"VtepMAC":"82:cd:b6:82:3c:70"}"#);
+    }
+
+    #[test]
+    fn non_flannel_nodes_are_not_peers() {
+        assert_eq!(lease_from_node(P, &BTreeMap::new(), Some("10.244.2.0/24"), &[]), Ok(None));
+        let mut a = good();
+        a.insert(format!("{P}kube-subnet-manager"), "false".into());
+        assert_eq!(lease_from_node(P, &a, Some("10.244.2.0/24"), &[]), Ok(None));
+    }
+
+    #[test]
+    fn broken_annotations_are_errors_not_panics() {
+        assert!(lease_from_node(P, &good(), None, &[]).is_err());
+        assert!(lease_from_node(P, &good(), Some("nope"), &[]).is_err());
+        for (k, v) in [
+            ("backend-data", "{"),
+            ("backend-data", r#"{"VNI":1,"VtepMAC":"nope"}"#),
+            ("public-ip", "999.1.1.1"),
+            ("public-ip", "fd00::1"),
+            ("backend-type", "udp"),
+        ] {
+            let mut a = good();
+            a.insert(format!("{P}{k}"), v.into());
+            assert!(lease_from_node(P, &a, Some("10.244.2.0/24"), &[]).is_err(), "{k}={v}");
+        }
+    }
+
+    #[test]
+    fn dual_stack_pod_cidrs() {
+        let (v4, v6) = pod_cidrs(Some("10.244.2.0/24"), &["10.244.2.0/24".into(), "fd00:10:244:2::/64".into()]).unwrap();
+        assert_eq!(v4.unwrap().to_string(), "10.244.2.0/24");
+        assert_eq!(v6.unwrap().to_string(), "fd00:10:244:2::/64");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(data in ".{0,80}", ip in ".{0,20}", cidr in "[0-9./:a-f]{0,20}", ty in "(vxlan|host-gw|.{0,5})") {
+            let a = ann(&[("kube-subnet-manager", "true"), ("backend-type", &ty), ("backend-data", &data), ("public-ip", &ip)]);
+            let _ = lease_from_node(P, &a, Some(&cidr), std::slice::from_ref(&cidr));
+        }
+    }
+}

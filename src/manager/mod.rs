@@ -1,0 +1,53 @@
+//! Subnet managers: where this node's lease comes from and where peers are learnt.
+//!
+//! Both the Kubernetes manager and the etcd manager implement [`SubnetManager`];
+//! the daemon never branches on which one it runs.
+
+use std::future::Future;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use tokio::sync::mpsc;
+
+use crate::config::netconf::NetConf;
+use crate::lease::{BackendData, Lease};
+
+pub mod kube;
+
+/// What this node asks for: how peers reach it, and its backend's data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRequest {
+    pub public_ip: Option<Ipv4Addr>,
+    pub public_ipv6: Option<Ipv6Addr>,
+    pub data: BackendData,
+    pub data_v6: Option<BackendData>,
+}
+
+/// A peer's lease as read: `Ok(None)` means "not (or no longer) a flannel peer",
+/// `Err` is a reason to refuse it.
+pub type PeerRead = Result<Option<Lease>, String>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum LeaseEvent {
+    /// The complete set of peers (initial list, or a re-list after the watch broke).
+    Snapshot(Vec<(String, PeerRead)>),
+    Upsert(String, PeerRead),
+    Remove(String),
+}
+
+pub trait SubnetManager: Send + Sync + 'static {
+    /// The network configuration (file in kube mode, `<prefix>/config` in etcd mode).
+    fn network_config(&self) -> impl Future<Output = anyhow::Result<NetConf>> + Send;
+
+    /// Obtains this node's lease and publishes `req` with it. Waits (logging why)
+    /// while no lease can be had yet.
+    fn acquire(&self, conf: &NetConf, req: &LeaseRequest) -> impl Future<Output = anyhow::Result<Lease>> + Send;
+
+    /// Streams peer leases into `tx` until `tx` closes. Reconnects by itself.
+    fn watch(&self, conf: &NetConf, tx: mpsc::Sender<LeaseEvent>) -> impl Future<Output = ()> + Send;
+
+    /// Tells the world this node's dataplane is up (kube: NetworkUnavailable=False).
+    fn complete(&self) -> impl Future<Output = anyhow::Result<()>> + Send;
+
+    /// Keeps the own lease alive (etcd: renewals); returns only on shutdown.
+    fn keep_alive(&self, own: &Lease, req: &LeaseRequest) -> impl Future<Output = ()> + Send;
+}
