@@ -157,6 +157,9 @@ impl<B: Backend> Reconciler<B> {
             },
         };
         let d = diff(&want, &have);
+        if !d.is_empty() {
+            tracing::debug!("diff (full={full}): {d:?}");
+        }
         let mut ok = true;
         if !d.is_empty() {
             let report = self.nl.apply(&d, devices).await;

@@ -176,6 +176,16 @@ fn neigh_ip(a: &NeighbourAddress) -> Option<IpAddr> {
     match a {
         NeighbourAddress::Inet(v) => Some(IpAddr::V4(*v)),
         NeighbourAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+        // FDB entries (AF_BRIDGE) carry the remote's address without a family.
+        NeighbourAddress::Other(b) => match b.len() {
+            4 => Some(IpAddr::V4(std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
+            16 => {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(b);
+                Some(IpAddr::V6(std::net::Ipv6Addr::from(a)))
+            }
+            _ => None,
+        },
         _ => None,
     }
 }

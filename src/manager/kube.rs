@@ -48,11 +48,10 @@ pub struct NodeLite {
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
 pub struct NodeSpecLite {
-    #[serde(default)]
+    #[serde(default, rename = "podCIDR")]
     pub pod_cidr: Option<String>,
-    #[serde(default)]
+    #[serde(default, rename = "podCIDRs")]
     pub pod_cidrs: Option<Vec<String>>,
 }
 
@@ -452,6 +451,17 @@ mod tests {
             a.insert(format!("{P}{k}"), v.into());
             assert!(lease_from_node(P, &a, Some("10.244.2.0/24"), &[]).is_err(), "{k}={v}");
         }
+    }
+
+    #[test]
+    fn node_lite_reads_api_json() {
+        let n: NodeLite = serde_json::from_str(
+            r#"{"metadata":{"name":"node2","annotations":{"a":"b"}},"spec":{"podCIDR":"10.244.1.0/24","podCIDRs":["10.244.1.0/24"]},"status":{"images":[]}}"#,
+        )
+        .unwrap();
+        let spec = n.spec.unwrap();
+        assert_eq!(spec.pod_cidr.as_deref(), Some("10.244.1.0/24"));
+        assert_eq!(spec.pod_cidrs.unwrap().len(), 1);
     }
 
     #[test]

@@ -1,0 +1,317 @@
+#!/usr/bin/env bash
+# The flannel-rs test lab: a flannel cluster made of Linux network namespaces.
+#
+#   LAN        netns <P>lan: bridge br0
+#   control    netns <P>cp : eth0 198.18.0.1/16, etcd + kube-apiserver (TLS, token auth, RBAC)
+#   node i     netns <P>n<i>: eth0 198.18.0.<10+i>/16, default via 198.18.0.1, flanneld
+#   pod        netns <P>n<i>-<pod>: eth0 from the real `bridge` CNI plugin + host-local IPAM
+#
+# Nothing is created in the machine's own network namespace: every `ip` call
+# names its namespace. Every wait is bounded. `down` ends only the processes
+# whose pids it recorded.
+#
+# usage: lab.sh <command> <lab> [args]
+#   up <lab> [--nodes N] [--mode kube|etcd] [--net-conf JSON] [--no-nodes-in-api]
+#   node-add <lab> <i> [--no-api]        add node namespace i (and its Node object)
+#   node-object <lab> <i>                create Node object node<i> (podCIDR 10.244.<i-1>.0/24)
+#   flannel-start <lab> <i> [flanneld args...]
+#   flannel-stop <lab> <i> [TERM|KILL]
+#   pod-add <lab> <i> <pod>              prints the pod's IP
+#   ping <lab> <from-pod> <ip> [count] [interval]
+#   dump <lab> <i>                       routes, neighbours, FDB, flannel device, subnet.env
+#   kubectl <lab> [args...]              as cluster admin
+#   etcdctl <lab> [args...]
+#   exec <lab> <netns-suffix> <cmd...>   run a command in one of the lab's namespaces
+#   down <lab>
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+TOP=$(dirname "$HERE")
+KUBE_CACHE=${KUBE_CACHE:-/var/cache/flannel-rs}
+KUBE_APISERVER=${KUBE_APISERVER:-$KUBE_CACHE/kube-apiserver-1.20.2}
+KUBECTL=${KUBECTL:-$KUBE_CACHE/kubectl-1.20.2}
+FLANNELD=${FLANNELD:-$TOP/target/debug/flanneld}
+CNI_PATH=${CNI_PATH:-/usr/lib/cni}
+CP_IP=198.18.0.1
+
+die() { echo "lab: $*" >&2; exit 1; }
+log() { echo "lab: $*" >&2; }
+
+cmd=${1:-}; lab=${2:-}
+[ -n "$cmd" ] && [ -n "$lab" ] || { sed -n '2,/^set -euo/p' "$0" | sed '$d;s/^# \{0,1\}//' >&2; exit 2; }
+shift 2
+[[ "$lab" =~ ^[a-z0-9]{1,8}$ ]] || die "lab name must be 1-8 lowercase letters/digits"
+P="fl${lab}-"
+DIR=${LAB_ROOT:-/tmp/flannel-lab}/$lab
+mkdir -p "$DIR"
+
+ns() { echo "${P}$1"; }
+ipv4_network() { # 10.244.1.1/24 -> 10.244.1.0/24
+  local ip=${1%/*} len=${1#*/} a b c d
+  IFS=. read -r a b c d <<<"$ip"
+  local n=$(( (a << 24 | b << 16 | c << 8 | d) & (0xffffffff << (32 - len)) & 0xffffffff ))
+  echo "$((n >> 24 & 255)).$((n >> 16 & 255)).$((n >> 8 & 255)).$((n & 255))/$len"
+}
+in_ns() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
+node_ip() { echo "198.18.0.$((10 + $1))"; }
+
+# wait_for <seconds> <description> <command...>: bounded poll.
+wait_for() {
+  local secs=$1 what=$2; shift 2
+  local end=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $end ] || { log "timed out after ${secs}s waiting for $what"; return 1; }
+    sleep 0.2
+  done
+}
+
+start_bg() { # start_bg <name> <netns> <cmd...>: records the pid in $DIR/<name>.pid
+  local name=$1 n=$2; shift 2
+  ip netns exec "$(ns "$n")" "$@" >"$DIR/$name.log" 2>&1 &
+  echo $! >"$DIR/$name.pid"
+}
+
+stop_pid() { # stop_pid <pidfile> [signal]: TERM (or the signal), bounded wait, then KILL
+  local f=$1 sig=${2:-TERM} pid
+  [ -f "$f" ] || return 0
+  pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -s "$sig" "$pid" 2>/dev/null || true
+    local end=$((SECONDS + 10))
+    while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.1; done
+    kill -0 "$pid" 2>/dev/null && { kill -KILL "$pid" 2>/dev/null || true; sleep 0.2; }
+  fi
+  rm -f "$f"
+}
+
+kubectl_() { in_ns cp "$KUBECTL" --kubeconfig "$DIR/admin.kubeconfig" "$@"; }
+
+make_certs() {
+  local d=$DIR/pki; mkdir -p "$d"
+  [ -f "$d/apiserver.crt" ] && return 0
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=flannel-lab-ca" \
+    -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" \
+    -keyout "$d/apiserver.key" -out "$d/apiserver.csr" 2>/dev/null
+  printf 'subjectAltName=IP:%s,IP:127.0.0.1,DNS:localhost,DNS:kubernetes\nextendedKeyUsage=serverAuth\n' "$CP_IP" >"$d/ext.cnf"
+  openssl x509 -req -in "$d/apiserver.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 2 -extfile "$d/ext.cnf" -out "$d/apiserver.crt" 2>/dev/null
+  openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
+  local admin flannel
+  admin=$(openssl rand -hex 16); flannel=$(openssl rand -hex 16)
+  cat >"$d/tokens.csv" <<T
+$admin,admin,admin,"system:masters"
+$flannel,system:serviceaccount:kube-flannel:flannel,flannel-uid,"system:serviceaccounts,system:serviceaccounts:kube-flannel"
+T
+  kubeconfig "$admin" admin >"$DIR/admin.kubeconfig"
+  kubeconfig "$flannel" flannel >"$DIR/flannel.kubeconfig"
+}
+
+kubeconfig() {
+  cat <<K
+apiVersion: v1
+kind: Config
+clusters:
+- name: lab
+  cluster:
+    server: https://$CP_IP:6443
+    certificate-authority: $DIR/pki/ca.crt
+users:
+- name: $2
+  user:
+    token: $1
+contexts:
+- name: lab
+  context: {cluster: lab, user: $2}
+current-context: lab
+K
+}
+
+make_lan() {
+  ip netns list | grep -qw "$(ns lan)" && return 0
+  ip netns add "$(ns lan)"
+  ip -n "$(ns lan)" link set lo up
+  ip -n "$(ns lan)" link add br0 type bridge
+  ip -n "$(ns lan)" link set br0 up
+}
+
+attach() { # attach <ns-suffix> <port-name> <ip/len> [gw]
+  local n=$1 port=$2 addr=$3 gw=${4:-}
+  ip netns add "$(ns "$n")"
+  ip -n "$(ns "$n")" link set lo up
+  ip -n "$(ns lan)" link add "$port" type veth peer name eth0 netns "$(ns "$n")"
+  ip -n "$(ns lan)" link set "$port" master br0 up
+  ip -n "$(ns "$n")" addr add "$addr" dev eth0
+  ip -n "$(ns "$n")" link set eth0 up
+  [ -z "$gw" ] || ip -n "$(ns "$n")" route add default via "$gw"
+}
+
+up_control_plane() {
+  make_certs
+  attach cp cp "$CP_IP/16"
+  mkdir -p "$DIR/etcd"
+  start_bg etcd cp etcd --name lab --data-dir "$DIR/etcd" \
+    --listen-client-urls "http://127.0.0.1:2379,http://$CP_IP:2379" \
+    --advertise-client-urls "http://$CP_IP:2379" \
+    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+    --initial-cluster lab=http://127.0.0.1:2380
+  wait_for 30 etcd in_ns cp etcdctl --endpoints http://127.0.0.1:2379 endpoint health
+  [ "${MODE:-kube}" = kube ] || return 0
+  [ -x "$KUBE_APISERVER" ] || die "$KUBE_APISERVER missing: run scripts/install-deps.sh"
+  start_bg apiserver cp "$KUBE_APISERVER" \
+    --etcd-servers http://127.0.0.1:2379 \
+    --bind-address "$CP_IP" --advertise-address "$CP_IP" --secure-port 6443 --insecure-port 0 \
+    --tls-cert-file "$DIR/pki/apiserver.crt" --tls-private-key-file "$DIR/pki/apiserver.key" \
+    --token-auth-file "$DIR/pki/tokens.csv" --authorization-mode RBAC \
+    --service-account-issuer https://kubernetes.default.svc \
+    --service-account-key-file "$DIR/pki/sa.pub" --service-account-signing-key-file "$DIR/pki/sa.key" \
+    --service-cluster-ip-range 10.96.0.0/16 --allow-privileged=true \
+    --enable-priority-and-fairness=false --profiling=false --logtostderr=true --v=0
+  wait_for 90 "kube-apiserver" kubectl_ get --raw /readyz
+  wait_for 30 "RBAC bootstrap" kubectl_ get clusterrole cluster-admin
+  kubectl_ apply -f "$TOP/deploy/kube-flannel.yml" >/dev/null
+}
+
+node_object() {
+  local i=$1
+  kubectl_ apply -f - >/dev/null <<N
+apiVersion: v1
+kind: Node
+metadata:
+  name: node$i
+  labels: {kubernetes.io/os: linux, kubernetes.io/hostname: node$i}
+spec:
+  podCIDR: 10.244.$((i - 1)).0/24
+  podCIDRs: [10.244.$((i - 1)).0/24]
+N
+}
+
+node_add() {
+  local i=$1 api=${2:-yes}
+  attach "n$i" "v$i" "$(node_ip "$i")/16" "$CP_IP"
+  in_ns "n$i" sysctl -qw net.ipv4.ip_forward=1
+  mkdir -p "$DIR/n$i"
+  if [ "$api" = yes ] && [ -f "$DIR/apiserver.pid" ]; then node_object "$i"; fi
+}
+
+cmd_up() {
+  local nodes=0 api=yes
+  MODE=kube
+  NETCONF='{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}'
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --nodes) nodes=$2; shift 2;;
+      --mode) MODE=$2; shift 2;;
+      --net-conf) NETCONF=$2; shift 2;;
+      --no-nodes-in-api) api=no; shift;;
+      *) die "up: unknown option $1";;
+    esac
+  done
+  echo "$MODE" >"$DIR/mode"
+  printf '%s\n' "$NETCONF" >"$DIR/net-conf.json"
+  make_lan
+  up_control_plane
+  if [ "$MODE" = etcd ]; then
+    in_ns cp etcdctl --endpoints http://127.0.0.1:2379 put /coreos.com/network/config "$NETCONF" >/dev/null
+  fi
+  for i in $(seq 1 "$nodes"); do node_add "$i" "$api"; done
+  log "lab $lab is up ($MODE mode, $nodes nodes) in $DIR"
+}
+
+cmd_flannel_start() {
+  local i=$1; shift
+  local mode; mode=$(cat "$DIR/mode")
+  [ -x "$FLANNELD" ] || die "$FLANNELD not built"
+  local args=(--subnet-file "$DIR/n$i/subnet.env")
+  if [ "$mode" = kube ]; then
+    args+=(--kube-subnet-mgr --kubeconfig-file "$DIR/flannel.kubeconfig" --net-config-path "$DIR/net-conf.json")
+  else
+    args+=(--etcd-endpoints "http://$CP_IP:2379")
+  fi
+  ip netns exec "$(ns "n$i")" env NODE_NAME="node$i" RUST_LOG="${RUST_LOG:-info}" \
+    "$FLANNELD" "${args[@]}" "$@" >>"$DIR/n$i/flanneld.log" 2>&1 &
+  echo $! >"$DIR/n$i/flanneld.pid"
+  echo $!
+}
+
+cmd_pod_add() {
+  local i=$1 pod=$2
+  local env="$DIR/n$i/subnet.env"
+  wait_for 30 "$env" test -s "$env"
+  # shellcheck disable=SC1090
+  . "$env"
+  local podns; podns=$(ns "n$i-$pod")
+  ip netns add "$podns"
+  ip -n "$podns" link set lo up
+  local netaddr; netaddr=$(ipv4_network "$FLANNEL_SUBNET")
+  local ipmasq=true; [ "${FLANNEL_IPMASQ:-false}" = true ] && ipmasq=false
+  # The configuration the flannel CNI plugin hands to `bridge`.
+  local conf
+  conf=$(cat <<C
+{"cniVersion":"0.3.1","name":"cbr0","type":"bridge","bridge":"cni0","isGateway":true,
+ "isDefaultGateway":true,"hairpinMode":true,"ipMasq":$ipmasq,"mtu":$FLANNEL_MTU,
+ "ipam":{"type":"host-local","dataDir":"$DIR/n$i/ipam",
+   "ranges":[[{"subnet":"$netaddr"}]],"routes":[{"dst":"$FLANNEL_NETWORK"}]}}
+C
+)
+  local out
+  out=$(echo "$conf" | ip netns exec "$(ns "n$i")" env CNI_COMMAND=ADD CNI_CONTAINERID="$pod" \
+    CNI_NETNS="/run/netns/$podns" CNI_IFNAME=eth0 CNI_PATH="$CNI_PATH" "$CNI_PATH/bridge") \
+    || die "bridge plugin failed: $out"
+  local ip; ip=$(echo "$out" | jq -r '.ips[0].address' | cut -d/ -f1)
+  [ -n "$ip" ] && [ "$ip" != null ] || die "no IP in CNI result: $out"
+  echo "$ip" >"$DIR/n$i/pod-$pod.ip"
+  echo "$ip"
+}
+
+cmd_dump() {
+  local i=$1 n; n=$(ns "n$i")
+  local dev; dev=$(ip -n "$n" -o link show type vxlan 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | head -n1)
+  echo "== node$i ($(node_ip "$i"))"
+  if [ -n "$dev" ]; then
+    echo "-- ip -d link show $dev"; ip -n "$n" -d link show "$dev"
+    echo "-- ip addr show $dev"; ip -n "$n" -4 addr show "$dev"
+  fi
+  echo "-- ip route"; ip -n "$n" route
+  if [ -n "$dev" ]; then
+    echo "-- ip neigh show dev $dev"; ip -n "$n" neigh show dev "$dev"
+    echo "-- bridge fdb show dev $dev"; ip netns exec "$n" bridge fdb show dev "$dev"
+  fi
+  echo "-- cat subnet.env"; cat "$DIR/n$i/subnet.env" 2>/dev/null || echo "(none)"
+}
+
+cmd_down() {
+  local f
+  for f in "$DIR"/n*/flanneld.pid "$DIR"/*.pid; do [ -e "$f" ] && stop_pid "$f"; done
+  # Namespaces: pods first, nodes, control plane, LAN last.
+  local n
+  for n in $(ip netns list | awk '{print $1}' | grep "^${P}" | sort -r); do
+    ip netns pids "$n" 2>/dev/null | while read -r pid; do
+      # Only processes running in the lab's own namespaces.
+      kill -KILL "$pid" 2>/dev/null || true
+    done
+    ip netns delete "$n" 2>/dev/null || true
+  done
+  rm -rf "$DIR"
+  log "lab $lab is down"
+}
+
+case $cmd in
+  up) cmd_up "$@";;
+  node-add) i=$1; shift; if [ "${1:-}" = --no-api ]; then node_add "$i" no; else node_add "$i" yes; fi;;
+  node-object) node_object "$1";;
+  flannel-start) cmd_flannel_start "$@";;
+  flannel-stop) stop_pid "$DIR/n$1/flanneld.pid" "${2:-TERM}";;
+  pod-add) cmd_pod_add "$@";;
+  ping) podfrom=$1; ip=$2; count=${3:-3}; interval=${4:-0.2}
+        n=$(ip netns list | awk '{print $1}' | grep -- "-${podfrom}$" | grep "^${P}" | head -n1)
+        [ -n "$n" ] || die "no pod $podfrom"
+        ip netns exec "$n" ping -n -q -c "$count" -i "$interval" -W 2 "$ip";;
+  dump) cmd_dump "$@";;
+  kubectl) kubectl_ "$@";;
+  etcdctl) in_ns cp etcdctl --endpoints http://127.0.0.1:2379 "$@";;
+  exec) n=$1; shift; in_ns "$n" "$@";;
+  down) cmd_down;;
+  *) die "unknown command $cmd";;
+esac
