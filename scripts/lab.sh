@@ -175,7 +175,7 @@ up_control_plane() {
 
 node_object() {
   local i=$1
-  kubectl_ apply -f - >/dev/null <<N
+  kubectl_ create -f - >/dev/null <<N
 apiVersion: v1
 kind: Node
 metadata:

@@ -278,7 +278,11 @@ fn explain(e: clap::Error, cmd: &clap::Command, args: &[OsString], env: &dyn Fn(
     }
     if matches!(e.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation) {
         if let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) {
-            let long = arg.split_whitespace().next().unwrap_or("").trim_start_matches('-').to_string();
+            let long: String = arg
+                .trim_start_matches('-')
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                .collect();
             let on_cli = args.iter().skip(1).filter_map(|a| a.to_str()).any(|a| {
                 let name = a.trim_start_matches('-').split('=').next().unwrap_or("");
                 a.starts_with('-') && name == long

@@ -1,0 +1,193 @@
+//! Test support: drives `scripts/lab.sh` (namespaces, etcd, kube-apiserver,
+//! CNI pods) from Rust. A `Lab` is torn down when dropped, also when a test
+//! panics. Labs are serialised: they are heavy and timing-sensitive on 2 cores.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn top() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// True if the test may run. Outside CI, non-root skips with a message; in CI
+/// (CI=true) a missing privilege is a failure, never a silent skip.
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
+        panic!("{test}: needs root, and CI runs as root");
+    }
+    eprintln!("SKIP {test}: needs root (network namespaces); run the README's test command as root");
+    false
+}
+
+pub struct Lab {
+    pub name: String,
+    pub dir: PathBuf,
+    _serial: MutexGuard<'static, ()>,
+}
+
+fn run(args: &[&str], timeout_s: u32) -> Output {
+    let script = top().join("scripts/lab.sh");
+    Command::new("timeout")
+        .arg("-k")
+        .arg("5")
+        .arg(timeout_s.to_string())
+        .arg("bash")
+        .arg(script)
+        .args(args)
+        .env("FLANNELD", env!("CARGO_BIN_EXE_flanneld"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("running scripts/lab.sh")
+}
+
+impl Lab {
+    /// Brings up a lab named `name` (1-8 of [a-z0-9]) with `args` for `lab.sh up`.
+    pub fn up(name: &str, args: &[&str]) -> Lab {
+        let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        // A leftover from a killed earlier run must not break this one.
+        run(&["down", name], 60);
+        let lab = Lab { name: name.to_string(), dir: PathBuf::from("/tmp/flannel-lab").join(name), _serial: guard };
+        let mut a = vec!["up", name];
+        a.extend_from_slice(args);
+        let o = run(&a, 180);
+        assert!(o.status.success(), "lab up failed:\n{}", String::from_utf8_lossy(&o.stderr));
+        lab
+    }
+
+    /// Runs a lab.sh command; panics with its output on failure.
+    pub fn sh(&self, cmd: &str, args: &[&str]) -> String {
+        let o = self.try_sh(cmd, args);
+        assert!(
+            o.status.success(),
+            "lab.sh {cmd} {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn try_sh(&self, cmd: &str, args: &[&str]) -> Output {
+        let mut a = vec![cmd, self.name.as_str()];
+        a.extend_from_slice(args);
+        run(&a, 120)
+    }
+
+    pub fn start_flannel(&self, node: u32, extra: &[&str]) {
+        let n = node.to_string();
+        let mut a = vec![n.as_str()];
+        a.extend_from_slice(extra);
+        self.sh("flannel-start", &a);
+    }
+
+    pub fn stop_flannel(&self, node: u32, signal: &str) {
+        self.sh("flannel-stop", &[&node.to_string(), signal]);
+    }
+
+    pub fn flannel_log(&self, node: u32) -> String {
+        std::fs::read_to_string(self.dir.join(format!("n{node}/flanneld.log"))).unwrap_or_default()
+    }
+
+    pub fn subnet_env(&self, node: u32) -> String {
+        std::fs::read_to_string(self.dir.join(format!("n{node}/subnet.env"))).unwrap_or_default()
+    }
+
+    pub fn add_pod(&self, node: u32, pod: &str) -> String {
+        self.sh("pod-add", &[&node.to_string(), pod]).trim().to_string()
+    }
+
+    /// `count` pings at `interval` seconds; true if all answered.
+    pub fn ping(&self, from_pod: &str, ip: &str, count: u32, interval: &str) -> bool {
+        self.try_sh("ping", &[from_pod, ip, &count.to_string(), interval]).status.success()
+    }
+
+    /// Starts a long ping in the background (for loss counting).
+    pub fn ping_bg(&self, from_pod: &str, ip: &str, count: u32, interval: &str) -> Child {
+        let script = top().join("scripts/lab.sh");
+        Command::new("timeout")
+            .args(["-k", "5", "300", "bash"])
+            .arg(script)
+            .args(["ping", &self.name, from_pod, ip, &count.to_string(), interval])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning ping")
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        self.sh("kubectl", args)
+    }
+
+    /// Runs a command in one of the lab's namespaces (`cp`, `n1`, ...).
+    pub fn exec(&self, ns: &str, cmd: &[&str]) -> String {
+        let mut a = vec![ns];
+        a.extend_from_slice(cmd);
+        self.sh("exec", &a)
+    }
+
+    pub fn dump(&self, node: u32) -> String {
+        self.sh("dump", &[&node.to_string()])
+    }
+
+    /// Lines of `ip route` / `ip neigh` / `bridge fdb` on flannel.1 in node `n`.
+    pub fn routes(&self, node: u32) -> Vec<String> {
+        lines(&self.exec(&format!("n{node}"), &["ip", "route", "show", "dev", "flannel.1"]))
+    }
+    pub fn neighs(&self, node: u32) -> Vec<String> {
+        lines(&self.exec(&format!("n{node}"), &["ip", "neigh", "show", "dev", "flannel.1"]))
+    }
+    pub fn fdb(&self, node: u32) -> Vec<String> {
+        lines(&self.exec(&format!("n{node}"), &["bridge", "fdb", "show", "dev", "flannel.1"]))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for n in 1..=6 {
+                let log = self.flannel_log(n);
+                if !log.is_empty() {
+                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                    eprintln!("--- flanneld log node{n} (last lines, newest first):\n{}", tail.join("\n"));
+                }
+            }
+        }
+        let o = run(&["down", &self.name], 60);
+        if !o.status.success() {
+            eprintln!("lab down {} failed: {}", self.name, String::from_utf8_lossy(&o.stderr));
+        }
+    }
+}
+
+pub fn lines(s: &str) -> Vec<String> {
+    let mut v: Vec<String> = s.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    v.sort();
+    v
+}
+
+/// Polls `f` every 100 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// Parses ping's summary: (transmitted, received).
+pub fn ping_counts(out: &str) -> Option<(u32, u32)> {
+    let line = out.lines().find(|l| l.contains("packets transmitted"))?;
+    let mut nums = line.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse::<u32>().ok());
+    Some((nums.next()??, nums.next()??))
+}
