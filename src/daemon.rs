@@ -106,8 +106,9 @@ impl<B: Backend> Reconciler<B> {
             LeaseEvent::Snapshot(items) => {
                 // Current holders first, so a re-list cannot hand a subnet to a claimant.
                 let old = std::mem::take(&mut self.peers);
-                let (mut first, rest): (Vec<_>, Vec<_>) =
-                    items.into_iter().partition(|(n, r)| matches!(r, Ok(Some(l)) if old.accepted().get(n) == Some(l)));
+                let (mut first, rest): (Vec<_>, Vec<_>) = items.into_iter().partition(
+                    |(n, r)| matches!(r, Ok(Some(l)) if old.accepted().get(n) == Some(l)),
+                );
                 first.extend(rest);
                 self.warned.clear();
                 for (name, read) in first {
@@ -135,7 +136,8 @@ impl<B: Backend> Reconciler<B> {
             }
         }
         let devices = self.backend.devices(&self.ext);
-        self.overlay_index.store(devices.overlay.unwrap_or(0), Ordering::Relaxed);
+        self.overlay_index
+            .store(devices.overlay.unwrap_or(0), Ordering::Relaxed);
         let (want, skipped) = self.backend.desired(&self.ext, &self.peers);
         for (name, why) in skipped {
             if self.warned.get(&name) != Some(&why) {
@@ -143,11 +145,16 @@ impl<B: Backend> Reconciler<B> {
                 self.warned.insert(name, why);
             }
         }
-        let (Some(network), Some(own)) = (self.conf.v4.as_ref().map(|p| p.network), self.own.subnet) else {
+        let (Some(network), Some(own)) =
+            (self.conf.v4.as_ref().map(|p| p.network), self.own.subnet)
+        else {
             return true;
         };
         let have = match (&self.applied, full) {
-            (Some(s), false) => Observed { fdb_all: s.fdb.iter().map(|(m, i)| (*m, *i)).collect(), state: s.clone() },
+            (Some(s), false) => Observed {
+                fdb_all: s.fdb.iter().map(|(m, i)| (*m, *i)).collect(),
+                state: s.clone(),
+            },
             _ => match self.nl.observe(devices, Scope { network, own }).await {
                 Ok(o) => o,
                 Err(e) => {
@@ -186,31 +193,48 @@ impl<B: Backend> Reconciler<B> {
         self.applied = ok.then_some(want);
         self.metrics.peers.set(self.peers.len() as u64);
         self.metrics.reconciles.inc();
-        self.metrics.reconcile_micros.add(started.elapsed().as_micros() as u64);
+        self.metrics
+            .reconcile_micros
+            .add(started.elapsed().as_micros() as u64);
         ok
     }
 }
 
 /// Watches netlink for changes to what we own; each relevant message kicks a full check.
-fn spawn_drift_monitor(overlay: Arc<AtomicU32>, network: ipnetwork::IpNetwork, kick: mpsc::Sender<()>) -> anyhow::Result<()> {
+fn spawn_drift_monitor(
+    overlay: Arc<AtomicU32>,
+    network: ipnetwork::IpNetwork,
+    kick: mpsc::Sender<()>,
+) -> anyhow::Result<()> {
     use rtnetlink::MulticastGroup as G;
     let (conn, _handle, mut msgs) =
-        rtnetlink::new_multicast_connection(&[G::Link, G::Neigh, G::Ipv4Route, G::Ipv4Ifaddr]).context("subscribing to netlink events")?;
+        rtnetlink::new_multicast_connection(&[G::Link, G::Neigh, G::Ipv4Route, G::Ipv4Ifaddr])
+            .context("subscribing to netlink events")?;
     tokio::spawn(conn);
     tokio::spawn(async move {
         while let Some((m, _)) = msgs.next().await {
             let idx = overlay.load(Ordering::Relaxed);
-            let NetlinkPayload::InnerMessage(msg) = m.payload else { continue };
+            let NetlinkPayload::InnerMessage(msg) = m.payload else {
+                continue;
+            };
             let relevant = match &msg {
-                RouteNetlinkMessage::DelLink(l) | RouteNetlinkMessage::NewLink(l) => l.header.index == idx,
-                RouteNetlinkMessage::DelAddress(a) | RouteNetlinkMessage::NewAddress(a) => a.header.index == idx,
-                RouteNetlinkMessage::DelNeighbour(n) | RouteNetlinkMessage::NewNeighbour(n) => n.header.ifindex == idx,
-                RouteNetlinkMessage::DelRoute(r) | RouteNetlinkMessage::NewRoute(r) => r.attributes.iter().any(|a| match a {
-                    RouteAttribute::Destination(netlink_packet_route::route::RouteAddress::Inet(d)) => {
-                        network.contains(std::net::IpAddr::V4(*d))
-                    }
-                    _ => false,
-                }),
+                RouteNetlinkMessage::DelLink(l) | RouteNetlinkMessage::NewLink(l) => {
+                    l.header.index == idx
+                }
+                RouteNetlinkMessage::DelAddress(a) | RouteNetlinkMessage::NewAddress(a) => {
+                    a.header.index == idx
+                }
+                RouteNetlinkMessage::DelNeighbour(n) | RouteNetlinkMessage::NewNeighbour(n) => {
+                    n.header.ifindex == idx
+                }
+                RouteNetlinkMessage::DelRoute(r) | RouteNetlinkMessage::NewRoute(r) => {
+                    r.attributes.iter().any(|a| match a {
+                        RouteAttribute::Destination(
+                            netlink_packet_route::route::RouteAddress::Inet(d),
+                        ) => network.contains(std::net::IpAddr::V4(*d)),
+                        _ => false,
+                    })
+                }
                 _ => false,
             };
             if relevant && kick.try_send(()).is_err() && kick.is_closed() {
@@ -223,7 +247,14 @@ fn spawn_drift_monitor(overlay: Arc<AtomicU32>, network: ipnetwork::IpNetwork, k
 
 impl<M: SubnetManager, B: Backend> Agent<M, B> {
     pub async fn run(self) -> anyhow::Result<()> {
-        let Agent { flags, conf, manager, mut backend, metrics, queue_depth } = self;
+        let Agent {
+            flags,
+            conf,
+            manager,
+            mut backend,
+            metrics,
+            queue_depth,
+        } = self;
         let nl = Netlink::connect().context("opening netlink")?;
         let ext = iface::select(&nl, &flags, conf.v4.is_some(), conf.v6.is_some()).await?;
         tracing::info!(
@@ -234,11 +265,22 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             ext.iface_addr,
             ext.public_ip
         );
-        let prepared = backend.prepare(&nl, &ext).await.with_context(|| format!("preparing the {} backend", backend.type_name()))?;
-        let req = LeaseRequest { public_ip: ext.public_ip, public_ipv6: ext.public_ipv6, data: prepared.data, data_v6: None };
+        let prepared = backend
+            .prepare(&nl, &ext)
+            .await
+            .with_context(|| format!("preparing the {} backend", backend.type_name()))?;
+        let req = LeaseRequest {
+            public_ip: ext.public_ip,
+            public_ipv6: ext.public_ipv6,
+            data: prepared.data,
+            data_v6: None,
+        };
         let own = manager.acquire(&conf, &req).await?;
         tracing::info!("lease acquired: {:?}", own.subnet);
-        backend.configure(&nl, &ext, &own).await.context("configuring the backend device")?;
+        backend
+            .configure(&nl, &ext, &own)
+            .await
+            .context("configuring the backend device")?;
         let env = SubnetEnv {
             network: conf.v4.as_ref().map(|p| p.network),
             subnet: own.subnet,

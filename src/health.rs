@@ -13,7 +13,9 @@ use tokio::net::TcpListener;
 use crate::metrics::Metrics;
 
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("healthz: cannot listen on {addr}: {e}"))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("healthz: cannot listen on {addr}: {e}"))?;
     tracing::info!("serving /healthz, /readyz and /metrics on {addr}");
     loop {
         let (mut sock, _) = match listener.accept().await {
@@ -35,7 +37,9 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()
                         break;
                     }
                     n += k;
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].windows(2).any(|w| w == b"\n\n") {
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n")
+                        || buf[..n].windows(2).any(|w| w == b"\n\n")
+                    {
                         break;
                     }
                 }
@@ -51,8 +55,14 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()
             let path = path.split('?').next().unwrap_or("");
             let (status, ctype, body) = match (method, path) {
                 ("GET", "/healthz") => ("200 OK", "text/plain", "flanneld is running".to_string()),
-                ("GET", "/readyz") if metrics.ready.get() == 1 => ("200 OK", "text/plain", "ready".to_string()),
-                ("GET", "/readyz") => ("503 Service Unavailable", "text/plain", "not ready: lease or dataplane pending".to_string()),
+                ("GET", "/readyz") if metrics.ready.get() == 1 => {
+                    ("200 OK", "text/plain", "ready".to_string())
+                }
+                ("GET", "/readyz") => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not ready: lease or dataplane pending".to_string(),
+                ),
                 ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
                 _ => ("404 Not Found", "text/plain", "not found".to_string()),
             };

@@ -28,7 +28,9 @@ impl ExternalInterface {
     /// one of the underlay's connected prefixes — what `ip route get` reports as a
     /// route without gateway.
     pub fn on_link(&self, ip: IpAddr) -> bool {
-        self.networks.iter().any(|n| n.prefix() > 0 && n.contains(ip))
+        self.networks
+            .iter()
+            .any(|n| n.prefix() > 0 && n.contains(ip))
     }
 }
 
@@ -50,7 +52,12 @@ fn usable(a: &IpNetwork) -> bool {
 }
 
 /// Picks the interface. `want_v4`/`want_v6` say which families need an address.
-pub async fn select(nl: &Netlink, flags: &Flags, want_v4: bool, want_v6: bool) -> Result<ExternalInterface, IfaceError> {
+pub async fn select(
+    nl: &Netlink,
+    flags: &Flags,
+    want_v4: bool,
+    want_v6: bool,
+) -> Result<ExternalInterface, IfaceError> {
     let links = nl.links().await?;
     let mut with_addrs = Vec::with_capacity(links.len());
     for l in links {
@@ -60,7 +67,10 @@ pub async fn select(nl: &Netlink, flags: &Flags, want_v4: bool, want_v6: bool) -
     let mut chosen: Option<(usize, Option<IpAddr>)> = None;
     for cand in &flags.iface {
         if let Ok(ip) = cand.parse::<IpAddr>() {
-            if let Some(i) = with_addrs.iter().position(|(_, a)| a.iter().any(|n| n.ip() == ip)) {
+            if let Some(i) = with_addrs
+                .iter()
+                .position(|(_, a)| a.iter().any(|n| n.ip() == ip))
+            {
                 chosen = Some((i, Some(ip)));
                 break;
             }
@@ -68,13 +78,18 @@ pub async fn select(nl: &Netlink, flags: &Flags, want_v4: bool, want_v6: bool) -
             chosen = Some((i, None));
             break;
         }
-        tracing::warn!("--iface {cand}: no such interface or address here; trying the next candidate");
+        tracing::warn!(
+            "--iface {cand}: no such interface or address here; trying the next candidate"
+        );
     }
     if chosen.is_none() && !flags.iface_regex.is_empty() {
         'outer: for re in &flags.iface_regex {
             let r = regex::Regex::new(re).map_err(|e| IfaceError::Regex(re.clone(), e))?;
             for (i, (l, addrs)) in with_addrs.iter().enumerate() {
-                if let Some(a) = addrs.iter().find(|a| usable(a) && r.is_match(&a.ip().to_string())) {
+                if let Some(a) = addrs
+                    .iter()
+                    .find(|a| usable(a) && r.is_match(&a.ip().to_string()))
+                {
                     chosen = Some((i, Some(a.ip())));
                     break 'outer;
                 }
@@ -92,38 +107,70 @@ pub async fn select(nl: &Netlink, flags: &Flags, want_v4: bool, want_v6: bool) -
         )));
     }
     if chosen.is_none() && !flags.iface_can_reach.is_empty() {
-        let target: IpAddr = flags.iface_can_reach.parse().map_err(|_| IfaceError::NotFound("bad --iface-can-reach".into()))?;
-        let (oif, _) = nl
-            .route_get(target)
-            .await?
-            .ok_or_else(|| IfaceError::NotFound(format!("no route to --iface-can-reach {target}")))?;
-        chosen = with_addrs.iter().position(|(l, _)| l.index == oif).map(|i| (i, None));
+        let target: IpAddr = flags
+            .iface_can_reach
+            .parse()
+            .map_err(|_| IfaceError::NotFound("bad --iface-can-reach".into()))?;
+        let (oif, _) = nl.route_get(target).await?.ok_or_else(|| {
+            IfaceError::NotFound(format!("no route to --iface-can-reach {target}"))
+        })?;
+        chosen = with_addrs
+            .iter()
+            .position(|(l, _)| l.index == oif)
+            .map(|i| (i, None));
     }
     if chosen.is_none() {
         let idx = nl
             .default_route_link(!want_v4 && want_v6)
             .await?
-            .ok_or_else(|| IfaceError::NotFound("no default route; choose the interface with --iface".into()))?;
-        chosen = with_addrs.iter().position(|(l, _)| l.index == idx).map(|i| (i, None));
+            .ok_or_else(|| {
+                IfaceError::NotFound("no default route; choose the interface with --iface".into())
+            })?;
+        chosen = with_addrs
+            .iter()
+            .position(|(l, _)| l.index == idx)
+            .map(|i| (i, None));
     }
-    let (i, pinned) = chosen.ok_or_else(|| IfaceError::NotFound("the chosen interface vanished".into()))?;
+    let (i, pinned) =
+        chosen.ok_or_else(|| IfaceError::NotFound("the chosen interface vanished".into()))?;
     let (link, addrs): &(Link, Vec<IpNetwork>) = &with_addrs[i];
     let v4 = match pinned {
         Some(IpAddr::V4(v)) => Some(v),
-        _ => addrs.iter().filter(|a| usable(a)).find_map(|a| if let IpAddr::V4(v) = a.ip() { Some(v) } else { None }),
+        _ => addrs.iter().filter(|a| usable(a)).find_map(|a| {
+            if let IpAddr::V4(v) = a.ip() {
+                Some(v)
+            } else {
+                None
+            }
+        }),
     };
     let v6 = match pinned {
         Some(IpAddr::V6(v)) => Some(v),
-        _ => addrs.iter().filter(|a| usable(a)).find_map(|a| if let IpAddr::V6(v) = a.ip() { Some(v) } else { None }),
+        _ => addrs.iter().filter(|a| usable(a)).find_map(|a| {
+            if let IpAddr::V6(v) = a.ip() {
+                Some(v)
+            } else {
+                None
+            }
+        }),
     };
     if want_v4 && v4.is_none() {
-        return Err(IfaceError::NotFound(format!("interface {} has no IPv4 address", link.name)));
+        return Err(IfaceError::NotFound(format!(
+            "interface {} has no IPv4 address",
+            link.name
+        )));
     }
     if want_v6 && v6.is_none() {
-        return Err(IfaceError::NotFound(format!("interface {} has no IPv6 address", link.name)));
+        return Err(IfaceError::NotFound(format!(
+            "interface {} has no IPv6 address",
+            link.name
+        )));
     }
     if link.mtu == 0 {
-        return Err(IfaceError::NotFound(format!("failed to determine MTU for {}", link.name)));
+        return Err(IfaceError::NotFound(format!(
+            "failed to determine MTU for {}",
+            link.name
+        )));
     }
     Ok(ExternalInterface {
         index: link.index,
@@ -133,7 +180,10 @@ pub async fn select(nl: &Netlink, flags: &Flags, want_v4: bool, want_v6: bool) -
         iface_addr6: v6,
         public_ip: flags.public_ip.or(v4),
         public_ipv6: flags.public_ipv6.or(v6),
-        networks: addrs.iter().map(|a| crate::subnet::net(a.ip(), a.prefix())).collect(),
+        networks: addrs
+            .iter()
+            .map(|a| crate::subnet::net(a.ip(), a.prefix()))
+            .collect(),
     })
 }
 

@@ -23,7 +23,11 @@ pub struct Mac(pub [u8; 6]);
 impl std::fmt::Display for Mac {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -97,11 +101,15 @@ impl BackendData {
     /// Parses peer-supplied backend data of type `ty`.
     pub fn parse(ty: &str, data: &str) -> Result<BackendData, String> {
         if data.len() > MAX_BACKEND_DATA {
-            return Err(format!("backend-data is {} bytes, over the {MAX_BACKEND_DATA}-byte limit", data.len()));
+            return Err(format!(
+                "backend-data is {} bytes, over the {MAX_BACKEND_DATA}-byte limit",
+                data.len()
+            ));
         }
         match ty {
             "vxlan" => {
-                let d: VxlanData = serde_json::from_str(data).map_err(|e| format!("backend-data {data:?} is invalid: {e}"))?;
+                let d: VxlanData = serde_json::from_str(data)
+                    .map_err(|e| format!("backend-data {data:?} is invalid: {e}"))?;
                 if !d.vtep_mac.is_unicast() {
                     return Err(format!("VtepMAC {} is not a unicast MAC", d.vtep_mac));
                 }
@@ -134,19 +142,31 @@ pub enum Refusal {
 }
 
 /// Checks one family's subnet of a peer against the network.
-fn check_subnet(n: &IpNetwork, pool: Option<&crate::config::netconf::Pool>, own: Option<&IpNetwork>) -> Result<(), Refusal> {
+fn check_subnet(
+    n: &IpNetwork,
+    pool: Option<&crate::config::netconf::Pool>,
+    own: Option<&IpNetwork>,
+) -> Result<(), Refusal> {
     let Some(pool) = pool else {
-        return Err(Refusal::Invalid(format!("subnet {n} is of a family this network does not enable")));
+        return Err(Refusal::Invalid(format!(
+            "subnet {n} is of a family this network does not enable"
+        )));
     };
     if !subnet::is_canonical(n) {
         return Err(Refusal::Invalid(format!("subnet {n} has host bits set")));
     }
     if !subnet::is_proper_subnet(&pool.network, n) {
-        return Err(Refusal::Invalid(format!("subnet {n} is not a proper subnet of the network {}", pool.network)));
+        return Err(Refusal::Invalid(format!(
+            "subnet {n} is not a proper subnet of the network {}",
+            pool.network
+        )));
     }
     if let Some(own) = own {
         if subnet::overlaps(n, own) {
-            return Err(Refusal::Conflict { subnet: *n, with: format!("this node's own subnet {own}") });
+            return Err(Refusal::Conflict {
+                subnet: *n,
+                with: format!("this node's own subnet {own}"),
+            });
         }
     }
     Ok(())
@@ -167,16 +187,24 @@ impl Lease {
         }
         if let Some(n) = &self.subnet {
             check_subnet(n, conf.v4.as_ref(), own.subnet.as_ref())?;
-            let ip = self.public_ip.ok_or_else(|| Refusal::Invalid("no public IPv4 address".into()))?;
+            let ip = self
+                .public_ip
+                .ok_or_else(|| Refusal::Invalid("no public IPv4 address".into()))?;
             if !usable_unicast(IpAddr::V4(ip)) {
-                return Err(Refusal::Invalid(format!("public IP {ip} is not a usable unicast address")));
+                return Err(Refusal::Invalid(format!(
+                    "public IP {ip} is not a usable unicast address"
+                )));
             }
         }
         if let Some(n) = &self.ipv6_subnet {
             check_subnet(n, conf.v6.as_ref(), own.ipv6_subnet.as_ref())?;
-            let ip = self.public_ipv6.ok_or_else(|| Refusal::Invalid("no public IPv6 address".into()))?;
+            let ip = self
+                .public_ipv6
+                .ok_or_else(|| Refusal::Invalid("no public IPv6 address".into()))?;
             if !usable_unicast(IpAddr::V6(ip)) {
-                return Err(Refusal::Invalid(format!("public IPv6 {ip} is not a usable unicast address")));
+                return Err(Refusal::Invalid(format!(
+                    "public IPv6 {ip} is not a usable unicast address"
+                )));
             }
         }
         Ok(())
@@ -186,7 +214,9 @@ impl Lease {
 /// Not unspecified, loopback, multicast or broadcast.
 pub fn usable_unicast(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast()),
+        IpAddr::V4(v4) => {
+            !(v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast())
+        }
         IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_loopback() || v6.is_multicast()),
     }
 }
@@ -228,10 +258,16 @@ impl PeerSet {
             if other == name {
                 continue;
             }
-            for (mine, theirs) in [(&lease.subnet, &l.subnet), (&lease.ipv6_subnet, &l.ipv6_subnet)] {
+            for (mine, theirs) in [
+                (&lease.subnet, &l.subnet),
+                (&lease.ipv6_subnet, &l.ipv6_subnet),
+            ] {
                 if let (Some(a), Some(b)) = (mine, theirs) {
                     if subnet::overlaps(a, b) {
-                        return Some(Refusal::Conflict { subnet: *a, with: format!("peer {other}'s subnet {b}") });
+                        return Some(Refusal::Conflict {
+                            subnet: *a,
+                            with: format!("peer {other}'s subnet {b}"),
+                        });
                     }
                 }
             }
@@ -284,11 +320,17 @@ impl PeerSet {
 
     /// Re-validates everything against a new own lease (e.g. after it changed).
     pub fn revalidate(&mut self, conf: &NetConf, own: &Lease) -> Outcome {
-        let all: Vec<(String, Lease)> =
-            std::mem::take(&mut self.accepted).into_iter().chain(std::mem::take(&mut self.waiting)).collect();
-        let mut out = Outcome { changed: true, refused: vec![] };
+        let all: Vec<(String, Lease)> = std::mem::take(&mut self.accepted)
+            .into_iter()
+            .chain(std::mem::take(&mut self.waiting))
+            .collect();
+        let mut out = Outcome {
+            changed: true,
+            refused: vec![],
+        };
         for (name, lease) in all {
-            out.refused.extend(self.upsert(&name, lease, conf, own).refused);
+            out.refused
+                .extend(self.upsert(&name, lease, conf, own).refused);
         }
         out
     }
@@ -320,7 +362,10 @@ mod tests {
             ipv6_subnet: None,
             public_ip: Some(ip.parse().unwrap()),
             public_ipv6: None,
-            backend: BackendData::Vxlan(VxlanData { vni: 1, vtep_mac: mac.parse().unwrap() }),
+            backend: BackendData::Vxlan(VxlanData {
+                vni: 1,
+                vtep_mac: mac.parse().unwrap(),
+            }),
             backend_v6: None,
         }
     }
@@ -331,14 +376,19 @@ mod tests {
 
     #[test]
     fn backend_data_json_is_upstreams() {
-        let d = BackendData::Vxlan(VxlanData { vni: 1, vtep_mac: "82:cd:b6:82:3c:70".parse().unwrap() });
+        let d = BackendData::Vxlan(VxlanData {
+            vni: 1,
+            vtep_mac: "82:cd:b6:82:3c:70".parse().unwrap(),
+        });
         assert_eq!(d.to_json(), r#"{"VNI":1,"VtepMAC":"82:cd:b6:82:3c:70"}"#);
         assert_eq!(BackendData::parse("vxlan", &d.to_json()).unwrap(), d);
         assert_eq!(BackendData::HostGw.to_json(), "null");
         assert!(BackendData::parse("vxlan", "{").is_err());
         assert!(BackendData::parse("vxlan", r#"{"VNI":1,"VtepMAC":"zz"}"#).is_err());
         assert!(BackendData::parse("vxlan", r#"{"VNI":1,"VtepMAC":"01:00:5e:00:00:01"}"#).is_err());
-        assert!(BackendData::parse("vxlan", &" ".repeat(5000)).unwrap_err().contains("limit"));
+        assert!(BackendData::parse("vxlan", &" ".repeat(5000))
+            .unwrap_err()
+            .contains("limit"));
         assert!(BackendData::parse("udp", "{}").is_err());
     }
 
@@ -357,7 +407,10 @@ mod tests {
             lease("10.244.2.5/24", "198.18.0.12", "52:82:d5:a1:90:4e"),
             lease("10.244.2.0/24", "0.0.0.0", "52:82:d5:a1:90:4e"),
             lease("10.244.2.0/24", "224.0.0.1", "52:82:d5:a1:90:4e"),
-            Lease { backend: BackendData::HostGw, ..good.clone() },
+            Lease {
+                backend: BackendData::HostGw,
+                ..good.clone()
+            },
         ] {
             assert!(bad.validate_peer(&c, &o).is_err(), "{bad:?}");
         }
@@ -367,13 +420,37 @@ mod tests {
     fn first_holder_keeps_subnet_until_it_leaves() {
         let (c, o) = (conf(), own());
         let mut set = PeerSet::default();
-        assert!(set.upsert("n2", lease("10.244.2.0/24", "198.18.0.12", "52:00:00:00:00:02"), &c, &o).changed);
-        let out = set.upsert("evil", lease("10.244.2.0/24", "198.18.0.66", "52:00:00:00:00:66"), &c, &o);
+        assert!(
+            set.upsert(
+                "n2",
+                lease("10.244.2.0/24", "198.18.0.12", "52:00:00:00:00:02"),
+                &c,
+                &o
+            )
+            .changed
+        );
+        let out = set.upsert(
+            "evil",
+            lease("10.244.2.0/24", "198.18.0.66", "52:00:00:00:00:66"),
+            &c,
+            &o,
+        );
         assert!(!out.changed);
         assert_eq!(out.refused.len(), 1);
-        assert_eq!(set.accepted()["n2"].public_ip.unwrap().to_string(), "198.18.0.12");
+        assert_eq!(
+            set.accepted()["n2"].public_ip.unwrap().to_string(),
+            "198.18.0.12"
+        );
         // Same lease again is a no-op.
-        assert_eq!(set.upsert("n2", lease("10.244.2.0/24", "198.18.0.12", "52:00:00:00:00:02"), &c, &o), Outcome::default());
+        assert_eq!(
+            set.upsert(
+                "n2",
+                lease("10.244.2.0/24", "198.18.0.12", "52:00:00:00:00:02"),
+                &c,
+                &o
+            ),
+            Outcome::default()
+        );
         // When n2 leaves, the waiting claimant is accepted.
         let out = set.remove("n2", &c, &o);
         assert!(out.changed);
@@ -385,12 +462,30 @@ mod tests {
     fn a_peer_turning_bad_is_dropped() {
         let (c, o) = (conf(), own());
         let mut set = PeerSet::default();
-        set.upsert("n2", lease("10.244.2.0/24", "198.18.0.12", "52:00:00:00:00:02"), &c, &o);
-        let out = set.upsert("n2", lease("10.99.0.0/24", "198.18.0.12", "52:00:00:00:00:02"), &c, &o);
+        set.upsert(
+            "n2",
+            lease("10.244.2.0/24", "198.18.0.12", "52:00:00:00:00:02"),
+            &c,
+            &o,
+        );
+        let out = set.upsert(
+            "n2",
+            lease("10.99.0.0/24", "198.18.0.12", "52:00:00:00:00:02"),
+            &c,
+            &o,
+        );
         assert!(out.changed);
         assert!(set.is_empty());
         // And moving to another valid subnet works.
-        set.upsert("n2", lease("10.244.3.0/24", "198.18.0.12", "52:00:00:00:00:02"), &c, &o);
-        assert_eq!(set.accepted()["n2"].subnet.unwrap().to_string(), "10.244.3.0/24");
+        set.upsert(
+            "n2",
+            lease("10.244.3.0/24", "198.18.0.12", "52:00:00:00:00:02"),
+            &c,
+            &o,
+        );
+        assert_eq!(
+            set.accepted()["n2"].subnet.unwrap().to_string(),
+            "10.244.3.0/24"
+        );
     }
 }

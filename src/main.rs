@@ -18,7 +18,8 @@ fn init_logging(flags: &Flags) {
         1..=4 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
@@ -46,7 +47,10 @@ fn main() -> ExitCode {
     init_logging(&flags);
     // One thread: the agent waits on sockets; a single-threaded runtime is
     // smaller and cheaper at idle than a pool.
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("flanneld: cannot start the runtime: {e}");
@@ -77,7 +81,9 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     if flags.use_multi_cluster_cidr {
         tracing::warn!("--use-multi-cluster-cidr is not supported (the API was removed from Kubernetes); ignoring it");
     }
-    let prefix = flags.annotation_prefix().map_err(|e| anyhow::anyhow!("--kube-annotation-prefix: {e}"))?;
+    let prefix = flags
+        .annotation_prefix()
+        .map_err(|e| anyhow::anyhow!("--kube-annotation-prefix: {e}"))?;
     let metrics = Arc::new(Metrics::default());
     if !flags.kube_subnet_mgr {
         anyhow::bail!("the etcd subnet manager is not available in this build yet; run with --kube-subnet-mgr");
@@ -106,8 +112,30 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         tracing::info!("kube subnet manager for node {}", manager.node_name());
         let queue_depth = manager.queue_depth();
         match Any::from_conf(&conf) {
-            Any::Vxlan(b) => Agent { flags: flags.clone(), conf: conf.clone(), manager, backend: b, metrics: metrics.clone(), queue_depth }.run().await,
-            Any::HostGw(b) => Agent { flags: flags.clone(), conf: conf.clone(), manager, backend: b, metrics: metrics.clone(), queue_depth }.run().await,
+            Any::Vxlan(b) => {
+                Agent {
+                    flags: flags.clone(),
+                    conf: conf.clone(),
+                    manager,
+                    backend: b,
+                    metrics: metrics.clone(),
+                    queue_depth,
+                }
+                .run()
+                .await
+            }
+            Any::HostGw(b) => {
+                Agent {
+                    flags: flags.clone(),
+                    conf: conf.clone(),
+                    manager,
+                    backend: b,
+                    metrics: metrics.clone(),
+                    queue_depth,
+                }
+                .run()
+                .await
+            }
         }
     };
     tokio::select! {

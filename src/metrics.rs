@@ -41,20 +41,60 @@ impl Metrics {
         let mut one = |name: &str, kind: &str, help: &str, v: String| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
-        one("flannel_peer_leases", "gauge", "Peer leases programmed into the dataplane.", self.peers.get().to_string());
-        one("flannel_peer_leases_refused", "gauge", "Peer leases refused as invalid or conflicting.", self.peers_refused.get().to_string());
-        one("flannel_reconcile_total", "counter", "Reconcile passes run.", self.reconciles.get().to_string());
+        one(
+            "flannel_peer_leases",
+            "gauge",
+            "Peer leases programmed into the dataplane.",
+            self.peers.get().to_string(),
+        );
+        one(
+            "flannel_peer_leases_refused",
+            "gauge",
+            "Peer leases refused as invalid or conflicting.",
+            self.peers_refused.get().to_string(),
+        );
+        one(
+            "flannel_reconcile_total",
+            "counter",
+            "Reconcile passes run.",
+            self.reconciles.get().to_string(),
+        );
         one(
             "flannel_reconcile_duration_seconds_total",
             "counter",
             "Time spent in reconcile passes.",
             format!("{:.6}", self.reconcile_micros.get() as f64 / 1e6),
         );
-        one("flannel_netlink_operations_total", "counter", "Netlink change requests sent.", self.netlink_ops.get().to_string());
-        one("flannel_netlink_errors_total", "counter", "Netlink change requests that failed.", self.netlink_errors.get().to_string());
-        one("flannel_watch_restarts_total", "counter", "Times the peer watch broke and was restarted.", self.watch_restarts.get().to_string());
-        one("flannel_lease_renewals_total", "counter", "Own lease renewals.", self.lease_renewals.get().to_string());
-        one("flannel_ready", "gauge", "1 when the lease is held and the dataplane programmed.", self.ready.get().to_string());
+        one(
+            "flannel_netlink_operations_total",
+            "counter",
+            "Netlink change requests sent.",
+            self.netlink_ops.get().to_string(),
+        );
+        one(
+            "flannel_netlink_errors_total",
+            "counter",
+            "Netlink change requests that failed.",
+            self.netlink_errors.get().to_string(),
+        );
+        one(
+            "flannel_watch_restarts_total",
+            "counter",
+            "Times the peer watch broke and was restarted.",
+            self.watch_restarts.get().to_string(),
+        );
+        one(
+            "flannel_lease_renewals_total",
+            "counter",
+            "Own lease renewals.",
+            self.lease_renewals.get().to_string(),
+        );
+        one(
+            "flannel_ready",
+            "gauge",
+            "1 when the lease is held and the dataplane programmed.",
+            self.ready.get().to_string(),
+        );
         s
     }
 }

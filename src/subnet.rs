@@ -158,7 +158,10 @@ mod tests {
     #[test]
     fn gateway_and_canonical() {
         assert_eq!(gateway(&n("10.244.1.0/24")).to_string(), "10.244.1.1");
-        assert_eq!(gateway(&n("fd00:10:244:1::/64")).to_string(), "fd00:10:244:1::1");
+        assert_eq!(
+            gateway(&n("fd00:10:244:1::/64")).to_string(),
+            "fd00:10:244:1::1"
+        );
         assert!(is_canonical(&n("10.244.1.0/24")));
         assert!(!is_canonical(&n("10.244.1.5/24")));
         assert_eq!(net("10.244.1.5".parse().unwrap(), 24), n("10.244.1.0/24"));
@@ -166,7 +169,11 @@ mod tests {
 
     #[test]
     fn range_iteration() {
-        let r = SubnetRange { min: "10.244.1.0".parse().unwrap(), max: "10.244.255.0".parse().unwrap(), len: 24 };
+        let r = SubnetRange {
+            min: "10.244.1.0".parse().unwrap(),
+            max: "10.244.255.0".parse().unwrap(),
+            len: 24,
+        };
         assert_eq!(r.count(), 255);
         let v: Vec<_> = r.iter().collect();
         assert_eq!(v.len(), 255);
@@ -175,9 +182,17 @@ mod tests {
         assert!(r.holds(&n("10.244.7.0/24")));
         assert!(!r.holds(&n("10.244.0.0/24")));
         assert!(!r.holds(&n("10.244.7.0/25")));
-        let top = SubnetRange { min: "255.255.255.0".parse().unwrap(), max: "255.255.255.0".parse().unwrap(), len: 24 };
+        let top = SubnetRange {
+            min: "255.255.255.0".parse().unwrap(),
+            max: "255.255.255.0".parse().unwrap(),
+            len: 24,
+        };
         assert_eq!(top.iter().count(), 1);
-        let v6 = SubnetRange { min: "fd00::".parse().unwrap(), max: "ffff:ffff:ffff:ffff::".parse().unwrap(), len: 64 };
+        let v6 = SubnetRange {
+            min: "fd00::".parse().unwrap(),
+            max: "ffff:ffff:ffff:ffff::".parse().unwrap(),
+            len: 64,
+        };
         assert_eq!(v6.iter().take(3).count(), 3);
         assert!(v6.count() > 1 << 50);
     }

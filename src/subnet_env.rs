@@ -25,9 +25,15 @@ pub struct SubnetEnv {
 #[derive(Debug, thiserror::Error)]
 pub enum SubnetEnvError {
     #[error("cannot write {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 impl SubnetEnv {
@@ -60,9 +66,15 @@ impl SubnetEnv {
     /// (the file is a hint for re-acquiring the old lease, never authoritative).
     pub fn parse(text: &str) -> SubnetEnv {
         let mut env = SubnetEnv::default();
-        let as_net = |v: &str| v.parse::<IpNetwork>().ok().map(|n| subnet::net(n.ip(), n.prefix()));
+        let as_net = |v: &str| {
+            v.parse::<IpNetwork>()
+                .ok()
+                .map(|n| subnet::net(n.ip(), n.prefix()))
+        };
         for line in text.lines() {
-            let Some((k, v)) = line.split_once('=') else { continue };
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
             let v = v.trim().trim_matches('"');
             match k.trim() {
                 "FLANNEL_NETWORK" => env.network = as_net(v).filter(|n| n.is_ipv4()),
@@ -82,18 +94,33 @@ impl SubnetEnv {
         match std::fs::read_to_string(path) {
             Ok(t) => Ok(Some(Self::parse(&t))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(SubnetEnvError::Read { path: path.display().to_string(), source }),
+            Err(source) => Err(SubnetEnvError::Read {
+                path: path.display().to_string(),
+                source,
+            }),
         }
     }
 
     /// Writes atomically; creates the directory (0755) when missing.
     pub fn write(&self, path: &Path) -> Result<(), SubnetEnvError> {
-        let werr = |source| SubnetEnvError::Write { path: path.display().to_string(), source };
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let name = path.file_name().ok_or_else(|| werr(std::io::Error::other("not a file name")))?;
+        let werr = |source| SubnetEnvError::Write {
+            path: path.display().to_string(),
+            source,
+        };
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .ok_or_else(|| werr(std::io::Error::other("not a file name")))?;
         if !dir.exists() {
             use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new().recursive(true).mode(0o755).create(dir).map_err(werr)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)
+                .map_err(werr)?;
         }
         let tmp = dir.join(format!(".{}", name.to_string_lossy()));
         let mut f = std::fs::File::create(&tmp).map_err(werr)?;
@@ -126,7 +153,12 @@ mod tests {
             "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_IPV6_NETWORK=fd00:10:244::/56\n\
              FLANNEL_IPV6_SUBNET=fd00:10:244:1::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
         );
-        let v4 = SubnetEnv { ipv6_network: None, ipv6_subnet: None, ipmasq: Some(false), ..full() };
+        let v4 = SubnetEnv {
+            ipv6_network: None,
+            ipv6_subnet: None,
+            ipmasq: Some(false),
+            ..full()
+        };
         assert_eq!(v4.render(), "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n");
     }
 
@@ -137,11 +169,17 @@ mod tests {
         full().write(&path).unwrap();
         assert_eq!(SubnetEnv::read(&path).unwrap(), Some(full()));
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o755);
         // Replace: an open reader of the old file keeps the old inode; the path shows the new text.
         let old = std::fs::File::open(&path).unwrap();
-        let next = SubnetEnv { mtu: Some(1500), ..full() };
+        let next = SubnetEnv {
+            mtu: Some(1500),
+            ..full()
+        };
         next.write(&path).unwrap();
         assert_eq!(SubnetEnv::read(&path).unwrap().unwrap().mtu, Some(1500));
         let old_text = std::io::read_to_string(old).unwrap();
@@ -153,7 +191,9 @@ mod tests {
     fn missing_file_is_none_and_garbage_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(SubnetEnv::read(&dir.path().join("nope")).unwrap(), None);
-        let e = SubnetEnv::parse("garbage\nFLANNEL_SUBNET=not-a-net\nFLANNEL_MTU=x\nFLANNEL_NETWORK=fd00::/8\n=\n");
+        let e = SubnetEnv::parse(
+            "garbage\nFLANNEL_SUBNET=not-a-net\nFLANNEL_MTU=x\nFLANNEL_NETWORK=fd00::/8\n=\n",
+        );
         assert_eq!(e, SubnetEnv::default());
         let e = SubnetEnv::parse("FLANNEL_SUBNET=10.244.7.1/24\n");
         assert_eq!(e.subnet, Some("10.244.7.0/24".parse().unwrap()));

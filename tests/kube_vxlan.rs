@@ -8,14 +8,21 @@ use std::time::Duration;
 use support::*;
 
 fn mac_of(lab: &Lab, node: u32) -> String {
-    lab.exec(&format!("n{node}"), &["cat", "/sys/class/net/flannel.1/address"]).trim().to_string()
+    lab.exec(
+        &format!("n{node}"),
+        &["cat", "/sys/class/net/flannel.1/address"],
+    )
+    .trim()
+    .to_string()
 }
 
 fn wait_peers(lab: &Lab, nodes: &[u32]) {
     for &n in nodes {
-        wait_until(Duration::from_secs(30), &format!("node{n} to program {} peers", nodes.len() - 1), || {
-            lab.routes(n).len() == nodes.len() - 1 && lab.fdb(n).len() == nodes.len() - 1
-        });
+        wait_until(
+            Duration::from_secs(30),
+            &format!("node{n} to program {} peers", nodes.len() - 1),
+            || lab.routes(n).len() == nodes.len() - 1 && lab.fdb(n).len() == nodes.len() - 1,
+        );
     }
 }
 
@@ -23,7 +30,10 @@ fn all_pairs_ping(lab: &Lab, pods: &[(u32, String)]) {
     for (a, _) in pods {
         for (b, ip) in pods {
             if a != b {
-                assert!(lab.ping(&format!("p{a}"), ip, 2, "0.2"), "pod on node{a} cannot reach pod on node{b} ({ip})");
+                assert!(
+                    lab.ping(&format!("p{a}"), ip, 2, "0.2"),
+                    "pod on node{a} cannot reach pod on node{b} ({ip})"
+                );
             }
         }
     }
@@ -39,7 +49,9 @@ fn three_nodes_have_upstreams_exact_state() {
         lab.start_flannel(n, &[]);
     }
     wait_peers(&lab, &[1, 2, 3]);
-    let pods: Vec<(u32, String)> = (1..=3).map(|n| (n, lab.add_pod(n, &format!("p{n}")))).collect();
+    let pods: Vec<(u32, String)> = (1..=3)
+        .map(|n| (n, lab.add_pod(n, &format!("p{n}"))))
+        .collect();
     all_pairs_ping(&lab, &pods);
 
     let macs: Vec<String> = (1..=3).map(|n| mac_of(&lab, n)).collect();
@@ -47,7 +59,13 @@ fn three_nodes_have_upstreams_exact_state() {
         let me = (n - 1) as usize;
         let ip = format!("198.18.0.{}", 10 + n);
         // Annotations: exactly upstream's keys and values.
-        let ann = lab.kubectl(&["get", "node", &format!("node{n}"), "-o", "jsonpath={.metadata.annotations}"]);
+        let ann = lab.kubectl(&[
+            "get",
+            "node",
+            &format!("node{n}"),
+            "-o",
+            "jsonpath={.metadata.annotations}",
+        ]);
         let ann: serde_json::Value = serde_json::from_str(&ann).unwrap();
         let flannel: Vec<(String, String)> = ann
             .as_object()
@@ -59,9 +77,18 @@ fn three_nodes_have_upstreams_exact_state() {
         assert_eq!(
             flannel,
             vec![
-                ("flannel.alpha.coreos.com/backend-data".into(), format!(r#"{{"VNI":1,"VtepMAC":"{}"}}"#, macs[me])),
-                ("flannel.alpha.coreos.com/backend-type".into(), "vxlan".into()),
-                ("flannel.alpha.coreos.com/kube-subnet-manager".into(), "true".into()),
+                (
+                    "flannel.alpha.coreos.com/backend-data".into(),
+                    format!(r#"{{"VNI":1,"VtepMAC":"{}"}}"#, macs[me])
+                ),
+                (
+                    "flannel.alpha.coreos.com/backend-type".into(),
+                    "vxlan".into()
+                ),
+                (
+                    "flannel.alpha.coreos.com/kube-subnet-manager".into(),
+                    "true".into()
+                ),
                 ("flannel.alpha.coreos.com/public-ip".into(), ip.clone()),
             ]
         );
@@ -79,25 +106,59 @@ fn three_nodes_have_upstreams_exact_state() {
         // The device.
         let link = lab.exec(&format!("n{n}"), &["ip", "-d", "link", "show", "flannel.1"]);
         assert!(link.contains("mtu 1450"), "{link}");
-        assert!(link.contains(&format!("vxlan id 1 local {ip} dev eth0 ")), "{link}");
-        assert!(link.contains("dstport 8472") && link.contains("nolearning"), "{link}");
+        assert!(
+            link.contains(&format!("vxlan id 1 local {ip} dev eth0 ")),
+            "{link}"
+        );
+        assert!(
+            link.contains("dstport 8472") && link.contains("nolearning"),
+            "{link}"
+        );
         assert!(link.contains("UP"), "{link}");
-        let addrs = lines(&lab.exec(&format!("n{n}"), &["ip", "-o", "-4", "addr", "show", "dev", "flannel.1"]));
+        let addrs = lines(&lab.exec(
+            &format!("n{n}"),
+            &["ip", "-o", "-4", "addr", "show", "dev", "flannel.1"],
+        ));
         assert_eq!(addrs.len(), 1, "{addrs:?}");
-        assert!(addrs[0].contains(&format!("inet 10.244.{}.0/32 scope global flannel.1", n - 1)), "{addrs:?}");
+        assert!(
+            addrs[0].contains(&format!(
+                "inet 10.244.{}.0/32 scope global flannel.1",
+                n - 1
+            )),
+            "{addrs:?}"
+        );
         // Routes, neighbours, FDB: exactly one of each per peer, nothing else.
         let peers: Vec<u32> = (1..=3).filter(|p| *p != n).collect();
-        let want_routes: Vec<String> =
-            lines(&peers.iter().map(|p| format!("10.244.{0}.0/24 via 10.244.{0}.0 onlink\n", p - 1)).collect::<String>());
+        let want_routes: Vec<String> = lines(
+            &peers
+                .iter()
+                .map(|p| format!("10.244.{0}.0/24 via 10.244.{0}.0 onlink\n", p - 1))
+                .collect::<String>(),
+        );
         assert_eq!(lab.routes(n), want_routes);
         let want_neigh: Vec<String> = lines(
-            &peers.iter().map(|p| format!("10.244.{}.0 lladdr {} PERMANENT\n", p - 1, macs[(p - 1) as usize])).collect::<String>(),
+            &peers
+                .iter()
+                .map(|p| {
+                    format!(
+                        "10.244.{}.0 lladdr {} PERMANENT\n",
+                        p - 1,
+                        macs[(p - 1) as usize]
+                    )
+                })
+                .collect::<String>(),
         );
         assert_eq!(lab.neighs(n), want_neigh);
         let want_fdb: Vec<String> = lines(
             &peers
                 .iter()
-                .map(|p| format!("{} dst 198.18.0.{} self permanent\n", macs[(p - 1) as usize], 10 + p))
+                .map(|p| {
+                    format!(
+                        "{} dst 198.18.0.{} self permanent\n",
+                        macs[(p - 1) as usize],
+                        10 + p
+                    )
+                })
                 .collect::<String>(),
         );
         assert_eq!(lab.fdb(n), want_fdb);
@@ -116,16 +177,20 @@ fn nodes_joining_and_leaving() {
     lab.sh("node-add", &["3"]);
     lab.start_flannel(3, &[]);
     wait_peers(&lab, &[1, 2, 3]);
-    let pods: Vec<(u32, String)> = (1..=3).map(|n| (n, lab.add_pod(n, &format!("p{n}")))).collect();
+    let pods: Vec<(u32, String)> = (1..=3)
+        .map(|n| (n, lab.add_pod(n, &format!("p{n}"))))
+        .collect();
     all_pairs_ping(&lab, &pods);
 
     // Deleting node3's Node object removes it from every peer's tables within seconds.
     lab.stop_flannel(3, "TERM");
     lab.kubectl(&["delete", "node", "node3"]);
     for n in [1, 2] {
-        wait_until(Duration::from_secs(5), &format!("node{n} to forget node3"), || {
-            lab.routes(n).len() == 1 && lab.neighs(n).len() == 1 && lab.fdb(n).len() == 1
-        });
+        wait_until(
+            Duration::from_secs(5),
+            &format!("node{n} to forget node3"),
+            || lab.routes(n).len() == 1 && lab.neighs(n).len() == 1 && lab.fdb(n).len() == 1,
+        );
         assert!(!lab.routes(n).iter().any(|r| r.starts_with("10.244.2.0/24")));
     }
     assert!(lab.ping("p1", &pods[1].1, 2, "0.2"));
@@ -141,7 +206,9 @@ fn sigkill_and_restart_lose_no_packet_and_change_nothing() {
         lab.start_flannel(n, &[]);
     }
     wait_peers(&lab, &[1, 2, 3]);
-    let pods: Vec<(u32, String)> = (1..=3).map(|n| (n, lab.add_pod(n, &format!("p{n}")))).collect();
+    let pods: Vec<(u32, String)> = (1..=3)
+        .map(|n| (n, lab.add_pod(n, &format!("p{n}"))))
+        .collect();
     all_pairs_ping(&lab, &pods);
     let before: Vec<String> = (1..=3).map(|n| lab.dump(n)).collect();
 
@@ -155,23 +222,41 @@ fn sigkill_and_restart_lose_no_packet_and_change_nothing() {
         let log_len = lab.flannel_log(n).len();
         lab.stop_flannel(n, "KILL");
         lab.start_flannel(n, &[]);
-        wait_until(Duration::from_secs(20), &format!("node{n}'s agent to be ready again"), || {
-            let log = lab.flannel_log(n);
-            log[log_len..].contains("wrote ") && (log[log_len..].contains("NetworkUnavailable") || log[log_len..].contains("peers"))
-                || log[log_len..].contains("already carries")
-        });
+        wait_until(
+            Duration::from_secs(20),
+            &format!("node{n}'s agent to be ready again"),
+            || {
+                let log = lab.flannel_log(n);
+                log[log_len..].contains("wrote ")
+                    && (log[log_len..].contains("NetworkUnavailable")
+                        || log[log_len..].contains("peers"))
+                    || log[log_len..].contains("already carries")
+            },
+        );
         std::thread::sleep(Duration::from_millis(500));
         let fresh = &lab.flannel_log(n)[log_len..];
-        assert!(!fresh.contains("created flannel.1"), "restart re-created the device:\n{fresh}");
-        assert!(!fresh.contains("programmed"), "restart changed kernel entries:\n{fresh}");
-        assert!(fresh.contains("already carries"), "restart re-patched annotations:\n{fresh}");
+        assert!(
+            !fresh.contains("created flannel.1"),
+            "restart re-created the device:\n{fresh}"
+        );
+        assert!(
+            !fresh.contains("programmed"),
+            "restart changed kernel entries:\n{fresh}"
+        );
+        assert!(
+            fresh.contains("already carries"),
+            "restart re-patched annotations:\n{fresh}"
+        );
     }
     for (i, p) in pingers.into_iter().enumerate() {
         let o = p.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&o.stdout);
         let (sent, got) = ping_counts(&text).unwrap_or_else(|| panic!("no ping summary: {text}"));
         assert_eq!(sent, 700, "pinger {i}: {text}");
-        assert_eq!(got, sent, "pinger {i} lost packets across agent restarts: {text}");
+        assert_eq!(
+            got, sent,
+            "pinger {i} lost packets across agent restarts: {text}"
+        );
     }
     let after: Vec<String> = (1..=3).map(|n| lab.dump(n)).collect();
     assert_eq!(before, after, "kernel state changed across restarts");

@@ -13,11 +13,23 @@ fn control_plane_nodes_and_same_node_pods() {
     }
     let lab = Lab::up("lab1", &["--nodes", "2"]);
     assert!(lab.kubectl(&["get", "--raw", "/readyz"]).contains("ok"));
-    let nodes = lab.kubectl(&["get", "nodes", "-o", "jsonpath={range .items[*]}{.metadata.name}={.spec.podCIDR} {end}"]);
+    let nodes = lab.kubectl(&[
+        "get",
+        "nodes",
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name}={.spec.podCIDR} {end}",
+    ]);
     assert_eq!(nodes.trim(), "node1=10.244.0.0/24 node2=10.244.1.0/24");
     // The agent's identity has exactly the DaemonSet's permissions.
     let can = |verb: &str, res: &str, sub: &str| {
-        let mut a = vec!["auth", "can-i", verb, res, "--as", "system:serviceaccount:kube-flannel:flannel"];
+        let mut a = vec![
+            "auth",
+            "can-i",
+            verb,
+            res,
+            "--as",
+            "system:serviceaccount:kube-flannel:flannel",
+        ];
         if !sub.is_empty() {
             a.push(sub);
         }
@@ -26,14 +38,25 @@ fn control_plane_nodes_and_same_node_pods() {
     };
     assert!(can("list", "nodes", "") && can("watch", "nodes", "") && can("get", "pods", ""));
     assert!(can("patch", "nodes", "--subresource=status"));
-    assert!(!can("patch", "nodes", ""), "the agent must not be able to patch whole Node objects");
+    assert!(
+        !can("patch", "nodes", ""),
+        "the agent must not be able to patch whole Node objects"
+    );
 
     lab.start_flannel(1, &[]);
-    wait_until(Duration::from_secs(30), "subnet.env on node1", || !lab.subnet_env(1).is_empty());
+    wait_until(Duration::from_secs(30), "subnet.env on node1", || {
+        !lab.subnet_env(1).is_empty()
+    });
     let a = lab.add_pod(1, "pa");
     let b = lab.add_pod(1, "pb");
-    assert!(a.starts_with("10.244.0.") && b.starts_with("10.244.0.") && a != b, "{a} {b}");
-    assert!(lab.ping("pa", &b, 3, "0.2"), "pod pa cannot reach pb through cni0");
+    assert!(
+        a.starts_with("10.244.0.") && b.starts_with("10.244.0.") && a != b,
+        "{a} {b}"
+    );
+    assert!(
+        lab.ping("pa", &b, 3, "0.2"),
+        "pod pa cannot reach pb through cni0"
+    );
     let links = lab.exec("n1", &["ip", "-o", "link", "show", "cni0"]);
     assert!(links.contains("cni0"));
 }

@@ -10,13 +10,28 @@ use super::{Backend, Prepared, Skipped};
 pub struct HostGw;
 
 /// The host-gw route for a peer, or why there is none.
-pub fn peer_route(ext: &ExternalInterface, lease: &Lease) -> Result<Option<(ipnetwork::IpNetwork, Route)>, String> {
-    let (Some(subnet), Some(ip)) = (lease.subnet, lease.public_ip) else { return Ok(None) };
+pub fn peer_route(
+    ext: &ExternalInterface,
+    lease: &Lease,
+) -> Result<Option<(ipnetwork::IpNetwork, Route)>, String> {
+    let (Some(subnet), Some(ip)) = (lease.subnet, lease.public_ip) else {
+        return Ok(None);
+    };
     let via = std::net::IpAddr::V4(ip);
     if !ext.on_link(via) {
-        return Err(format!("public IP {ip} is not on-link on {} (host-gw needs all nodes on one L2 network)", ext.name));
+        return Err(format!(
+            "public IP {ip} is not on-link on {} (host-gw needs all nodes on one L2 network)",
+            ext.name
+        ));
     }
-    Ok(Some((subnet, Route { via, dev: Dev::Underlay, onlink: false })))
+    Ok(Some((
+        subnet,
+        Route {
+            via,
+            dev: Dev::Underlay,
+            onlink: false,
+        },
+    )))
 }
 
 impl Backend for HostGw {
@@ -24,16 +39,31 @@ impl Backend for HostGw {
         "host-gw"
     }
 
-    async fn prepare(&mut self, _nl: &Netlink, ext: &ExternalInterface) -> anyhow::Result<Prepared> {
-        Ok(Prepared { mtu: ext.mtu, data: BackendData::HostGw })
+    async fn prepare(
+        &mut self,
+        _nl: &Netlink,
+        ext: &ExternalInterface,
+    ) -> anyhow::Result<Prepared> {
+        Ok(Prepared {
+            mtu: ext.mtu,
+            data: BackendData::HostGw,
+        })
     }
 
-    async fn configure(&mut self, _nl: &Netlink, _ext: &ExternalInterface, _own: &Lease) -> anyhow::Result<bool> {
+    async fn configure(
+        &mut self,
+        _nl: &Netlink,
+        _ext: &ExternalInterface,
+        _own: &Lease,
+    ) -> anyhow::Result<bool> {
         Ok(false)
     }
 
     fn devices(&self, ext: &ExternalInterface) -> Devices {
-        Devices { overlay: None, underlay: ext.index }
+        Devices {
+            overlay: None,
+            underlay: ext.index,
+        }
     }
 
     fn desired(&self, ext: &ExternalInterface, peers: &PeerSet) -> (State, Skipped) {

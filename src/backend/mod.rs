@@ -30,11 +30,20 @@ pub trait Backend: Send + 'static {
 
     /// Creates or adopts the backend's devices (before the lease is known: the
     /// lease publishes their addresses).
-    fn prepare(&mut self, nl: &Netlink, ext: &ExternalInterface) -> impl Future<Output = anyhow::Result<Prepared>> + Send;
+    fn prepare(
+        &mut self,
+        nl: &Netlink,
+        ext: &ExternalInterface,
+    ) -> impl Future<Output = anyhow::Result<Prepared>> + Send;
 
     /// Makes the devices carry this node's lease (addresses, link up). Idempotent:
     /// also used to repair them. Returns true if a device had to be re-created.
-    fn configure(&mut self, nl: &Netlink, ext: &ExternalInterface, own: &Lease) -> impl Future<Output = anyhow::Result<bool>> + Send;
+    fn configure(
+        &mut self,
+        nl: &Netlink,
+        ext: &ExternalInterface,
+        own: &Lease,
+    ) -> impl Future<Output = anyhow::Result<bool>> + Send;
 
     /// The devices the IPv4 entries live on.
     fn devices(&self, ext: &ExternalInterface) -> Devices;
@@ -43,7 +52,8 @@ pub trait Backend: Send + 'static {
     fn desired(&self, ext: &ExternalInterface, peers: &PeerSet) -> (State, Skipped);
 }
 
-/// Which backend the configuration asks for.
+/// Which backend the configuration asks for (built once at start).
+#[allow(clippy::large_enum_variant)]
 pub enum Any {
     Vxlan(vxlan::Vxlan),
     HostGw(hostgw::HostGw),

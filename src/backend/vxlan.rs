@@ -27,7 +27,11 @@ pub struct Vxlan {
 
 impl Vxlan {
     pub fn new(conf: VxlanConf) -> Vxlan {
-        Vxlan { conf, link: None, spec: None }
+        Vxlan {
+            conf,
+            link: None,
+            spec: None,
+        }
     }
 
     pub fn device_name(&self) -> String {
@@ -51,12 +55,20 @@ impl Vxlan {
     }
 
     /// Finds a reusable device or (re)creates it. Returns the link and whether it is new.
-    async fn ensure_device(&mut self, nl: &Netlink, spec: &VxlanSpec) -> anyhow::Result<(Link, bool)> {
+    async fn ensure_device(
+        &mut self,
+        nl: &Netlink,
+        spec: &VxlanSpec,
+    ) -> anyhow::Result<(Link, bool)> {
         if let Some(l) = nl.link_by_name(&spec.name).await? {
             if compatible(&l, &spec.attrs) {
                 return Ok((l, false));
             }
-            tracing::warn!("{} exists with incompatible attributes ({:?}); re-creating it", spec.name, l.vxlan);
+            tracing::warn!(
+                "{} exists with incompatible attributes ({:?}); re-creating it",
+                spec.name,
+                l.vxlan
+            );
             nl.delete_link(l.index).await?;
         }
         match nl.create_vxlan(spec).await {
@@ -65,8 +77,17 @@ impl Vxlan {
             Err(e) if e.errno() == Some(libc::EEXIST) => {}
             Err(e) => return Err(e).context("creating the VXLAN device"),
         }
-        let l = nl.link_by_name(&spec.name).await?.with_context(|| format!("{} vanished after creation", spec.name))?;
-        tracing::info!("created {} (index {}, MAC {:?}, MTU {})", l.name, l.index, l.mac.map(|m| m.to_string()), l.mtu);
+        let l = nl
+            .link_by_name(&spec.name)
+            .await?
+            .with_context(|| format!("{} vanished after creation", spec.name))?;
+        tracing::info!(
+            "created {} (index {}, MAC {:?}, MTU {})",
+            l.name,
+            l.index,
+            l.mac.map(|m| m.to_string()),
+            l.mtu
+        );
         Ok((l, true))
     }
 }
@@ -93,14 +114,26 @@ fn random_mac(prefix: &[u8]) -> Mac {
     Mac(m)
 }
 
-/// The vxlan entries for one peer (IPv4).
-pub fn peer_entries(vni: u32, lease: &Lease) -> Option<(IpNetwork, Route, IpAddr, Mac, IpAddr)> {
-    let (Some(subnet), Some(ip), BackendData::Vxlan(d)) = (lease.subnet, lease.public_ip, lease.backend) else { return None };
-    if d.vni != vni {
-        // Upstream ignores the VNI in peer data too; we only warn through the daemon.
-    }
+/// The vxlan entries for one peer (IPv4). Like upstream, the peer's VNI is not
+/// compared: all nodes of a network share the net-conf.
+pub fn peer_entries(lease: &Lease) -> Option<(IpNetwork, Route, IpAddr, Mac, IpAddr)> {
+    let (Some(subnet), Some(ip), BackendData::Vxlan(d)) =
+        (lease.subnet, lease.public_ip, lease.backend)
+    else {
+        return None;
+    };
     let gw = subnet.network();
-    Some((subnet, Route { via: gw, dev: Dev::Overlay, onlink: true }, gw, d.vtep_mac, IpAddr::V4(ip)))
+    Some((
+        subnet,
+        Route {
+            via: gw,
+            dev: Dev::Overlay,
+            onlink: true,
+        },
+        gw,
+        d.vtep_mac,
+        IpAddr::V4(ip),
+    ))
 }
 
 impl Backend for Vxlan {
@@ -117,14 +150,27 @@ impl Backend for Vxlan {
                 link.mtu = mtu;
             }
         }
-        let mac = link.mac.with_context(|| format!("{} has no MAC address", link.name))?;
-        let prepared = Prepared { mtu: link.mtu, data: BackendData::Vxlan(VxlanData { vni: self.conf.vni, vtep_mac: mac }) };
+        let mac = link
+            .mac
+            .with_context(|| format!("{} has no MAC address", link.name))?;
+        let prepared = Prepared {
+            mtu: link.mtu,
+            data: BackendData::Vxlan(VxlanData {
+                vni: self.conf.vni,
+                vtep_mac: mac,
+            }),
+        };
         self.link = Some(link);
         self.spec = Some(spec);
         Ok(prepared)
     }
 
-    async fn configure(&mut self, nl: &Netlink, ext: &ExternalInterface, own: &Lease) -> anyhow::Result<bool> {
+    async fn configure(
+        &mut self,
+        nl: &Netlink,
+        ext: &ExternalInterface,
+        own: &Lease,
+    ) -> anyhow::Result<bool> {
         let spec = self.spec.clone().unwrap_or_else(|| self.spec(ext));
         let (mut link, created) = self.ensure_device(nl, &spec).await?;
         if created {
@@ -133,8 +179,15 @@ impl Backend for Vxlan {
             if let Some(old) = self.link.as_ref().and_then(|l| l.mac) {
                 if link.mac != Some(old) {
                     nl.delete_link(link.index).await?;
-                    nl.create_vxlan(&VxlanSpec { mac: Some(old), ..spec.clone() }).await?;
-                    link = nl.link_by_name(&spec.name).await?.context("device vanished after re-creation")?;
+                    nl.create_vxlan(&VxlanSpec {
+                        mac: Some(old),
+                        ..spec.clone()
+                    })
+                    .await?;
+                    link = nl
+                        .link_by_name(&spec.name)
+                        .await?
+                        .context("device vanished after re-creation")?;
                 }
             }
         }
@@ -164,7 +217,10 @@ impl Backend for Vxlan {
     }
 
     fn devices(&self, ext: &ExternalInterface) -> Devices {
-        Devices { overlay: self.link.as_ref().map(|l| l.index), underlay: ext.index }
+        Devices {
+            overlay: self.link.as_ref().map(|l| l.index),
+            underlay: ext.index,
+        }
     }
 
     fn desired(&self, ext: &ExternalInterface, peers: &PeerSet) -> (State, Skipped) {
@@ -177,7 +233,7 @@ impl Backend for Vxlan {
                     continue;
                 }
             }
-            if let Some((subnet, route, gw, mac, dst)) = peer_entries(self.conf.vni, lease) {
+            if let Some((subnet, route, gw, mac, dst)) = peer_entries(lease) {
                 s.routes.insert(subnet, route);
                 s.neighs.insert(gw, mac);
                 s.fdb.insert(mac, dst);
@@ -211,7 +267,10 @@ mod tests {
             ipv6_subnet: None,
             public_ip: Some(ip.parse().unwrap()),
             public_ipv6: None,
-            backend: BackendData::Vxlan(VxlanData { vni: 1, vtep_mac: Mac([0x52, 0, 0, 0, 0, i]) }),
+            backend: BackendData::Vxlan(VxlanData {
+                vni: 1,
+                vtep_mac: Mac([0x52, 0, 0, 0, 0, i]),
+            }),
             backend_v6: None,
         }
     }
@@ -226,38 +285,85 @@ mod tests {
 
     #[test]
     fn vxlan_entries_have_upstreams_form() {
-        let conf = NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        let conf =
+            NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
         let b = Vxlan::new(VxlanConf::default());
         let (s, skipped) = b.desired(&ext(), &peers(&conf));
         assert!(skipped.is_empty());
         let r = s.routes[&"10.244.2.0/24".parse().unwrap()];
-        assert_eq!(r, Route { via: "10.244.2.0".parse().unwrap(), dev: Dev::Overlay, onlink: true });
-        assert_eq!(s.neighs[&"10.244.2.0".parse().unwrap()], Mac([0x52, 0, 0, 0, 0, 2]));
-        assert_eq!(s.fdb[&Mac([0x52, 0, 0, 0, 0, 2])], "198.18.0.12".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            r,
+            Route {
+                via: "10.244.2.0".parse().unwrap(),
+                dev: Dev::Overlay,
+                onlink: true
+            }
+        );
+        assert_eq!(
+            s.neighs[&"10.244.2.0".parse().unwrap()],
+            Mac([0x52, 0, 0, 0, 0, 2])
+        );
+        assert_eq!(
+            s.fdb[&Mac([0x52, 0, 0, 0, 0, 2])],
+            "198.18.0.12".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(s.len(), 6);
     }
 
     #[test]
     fn direct_routing_uses_underlay_for_on_link_peers_only() {
-        let conf = NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#).unwrap();
-        let b = Vxlan::new(VxlanConf { direct_routing: true, ..Default::default() });
+        let conf = NetConf::parse(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+        )
+        .unwrap();
+        let b = Vxlan::new(VxlanConf {
+            direct_routing: true,
+            ..Default::default()
+        });
         let (s, _) = b.desired(&ext(), &peers(&conf));
         assert_eq!(
             s.routes[&"10.244.2.0/24".parse().unwrap()],
-            Route { via: "198.18.0.12".parse().unwrap(), dev: Dev::Underlay, onlink: false }
+            Route {
+                via: "198.18.0.12".parse().unwrap(),
+                dev: Dev::Underlay,
+                onlink: false
+            }
         );
         assert!(!s.neighs.contains_key(&"10.244.2.0".parse().unwrap()));
-        assert_eq!(s.routes[&"10.244.3.0/24".parse().unwrap()].dev, Dev::Overlay);
+        assert_eq!(
+            s.routes[&"10.244.3.0/24".parse().unwrap()].dev,
+            Dev::Overlay
+        );
         assert_eq!(s.len(), 4);
     }
 
     #[test]
     fn host_gw_refuses_off_link_peers() {
-        let conf = NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
-        let own = Lease { backend: BackendData::HostGw, ..lease(1, "198.18.0.11") };
+        let conf =
+            NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#).unwrap();
+        let own = Lease {
+            backend: BackendData::HostGw,
+            ..lease(1, "198.18.0.11")
+        };
         let mut p = PeerSet::default();
-        p.upsert("n2", Lease { backend: BackendData::HostGw, ..lease(2, "198.18.0.12") }, &conf, &own);
-        p.upsert("far", Lease { backend: BackendData::HostGw, ..lease(3, "203.0.113.7") }, &conf, &own);
+        p.upsert(
+            "n2",
+            Lease {
+                backend: BackendData::HostGw,
+                ..lease(2, "198.18.0.12")
+            },
+            &conf,
+            &own,
+        );
+        p.upsert(
+            "far",
+            Lease {
+                backend: BackendData::HostGw,
+                ..lease(3, "203.0.113.7")
+            },
+            &conf,
+            &own,
+        );
         let (s, skipped) = hostgw::HostGw.desired(&ext(), &p);
         assert_eq!(s.routes.len(), 1);
         assert_eq!(skipped.len(), 1);
@@ -266,8 +372,26 @@ mod tests {
 
     #[test]
     fn device_reuse_rules() {
-        let want = VxlanAttrs { vni: 1, local: Some("198.18.0.11".parse().unwrap()), underlay: Some(2), port: 0, gbp: false, learning: false };
-        let mut l = Link { index: 5, name: "flannel.1".into(), mtu: 1450, mac: None, up: true, kind: Some("vxlan".into()), vxlan: Some(VxlanAttrs { port: 8472, ..want.clone() }) };
+        let want = VxlanAttrs {
+            vni: 1,
+            local: Some("198.18.0.11".parse().unwrap()),
+            underlay: Some(2),
+            port: 0,
+            gbp: false,
+            learning: false,
+        };
+        let mut l = Link {
+            index: 5,
+            name: "flannel.1".into(),
+            mtu: 1450,
+            mac: None,
+            up: true,
+            kind: Some("vxlan".into()),
+            vxlan: Some(VxlanAttrs {
+                port: 8472,
+                ..want.clone()
+            }),
+        };
         assert!(compatible(&l, &want));
         l.vxlan.as_mut().unwrap().vni = 2;
         assert!(!compatible(&l, &want));

@@ -47,10 +47,18 @@ fn parse_can_reach(s: &str) -> Result<String, String> {
 )]
 pub struct Flags {
     /// a comma-delimited list of etcd endpoints
-    #[arg(long, env = "FLANNELD_ETCD_ENDPOINTS", default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379"
+    )]
     pub etcd_endpoints: String,
     /// etcd prefix
-    #[arg(long, env = "FLANNELD_ETCD_PREFIX", default_value = "/coreos.com/network")]
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_PREFIX",
+        default_value = "/coreos.com/network"
+    )]
     pub etcd_prefix: String,
     /// SSL key file used to secure etcd communication
     #[arg(long, env = "FLANNELD_ETCD_KEYFILE", default_value = "")]
@@ -65,7 +73,12 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_ETCD_USERNAME", default_value = "")]
     pub etcd_username: String,
     /// password for BasicAuth to etcd
-    #[arg(long, env = "FLANNELD_ETCD_PASSWORD", default_value = "", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "FLANNELD_ETCD_PASSWORD",
+        default_value = "",
+        hide_env_values = true
+    )]
     pub etcd_password: String,
     /// interface to use (IP or name) for inter-host communication; repeat to try each in order
     #[arg(long, env = "FLANNELD_IFACE", action = ArgAction::Append)]
@@ -77,7 +90,11 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_IFACE_CAN_REACH", default_value = "", value_parser = parse_can_reach)]
     pub iface_can_reach: String,
     /// filename where env variables (subnet, MTU, ...) will be written to
-    #[arg(long, env = "FLANNELD_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
+    #[arg(
+        long,
+        env = "FLANNELD_SUBNET_FILE",
+        default_value = "/run/flannel/subnet.env"
+    )]
     pub subnet_file: PathBuf,
     /// IP accessible by other nodes for inter-host communication
     #[arg(long, env = "FLANNELD_PUBLIC_IP")]
@@ -100,7 +117,11 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_KUBE_API_URL", default_value = "")]
     pub kube_api_url: String,
     /// Kubernetes annotation prefix; a single "/" may appear, otherwise one is appended
-    #[arg(long, env = "FLANNELD_KUBE_ANNOTATION_PREFIX", default_value = "flannel.alpha.coreos.com")]
+    #[arg(
+        long,
+        env = "FLANNELD_KUBE_ANNOTATION_PREFIX",
+        default_value = "flannel.alpha.coreos.com"
+    )]
     pub kube_annotation_prefix: String,
     /// kubeconfig file location; not needed in a pod
     #[arg(long, env = "FLANNELD_KUBECONFIG_FILE", default_value = "")]
@@ -123,7 +144,11 @@ pub struct Flags {
           require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub iptables_forward_rules: bool,
     /// path to the network configuration file (kube mode)
-    #[arg(long, env = "FLANNELD_NET_CONFIG_PATH", default_value = "/etc/kube-flannel/net-conf.json")]
+    #[arg(
+        long,
+        env = "FLANNELD_NET_CONFIG_PATH",
+        default_value = "/etc/kube-flannel/net-conf.json"
+    )]
     pub net_config_path: PathBuf,
     /// set NodeNetworkUnavailable after ready
     #[arg(long, env = "FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", default_value = "true", num_args = 0..=1,
@@ -140,7 +165,11 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_VMODULE", default_value = "")]
     pub vmodule: String,
     /// when logging hits line file:N, emit a stack trace (klog; accepted and ignored)
-    #[arg(long = "log_backtrace_at", env = "FLANNELD_LOG_BACKTRACE_AT", default_value = "")]
+    #[arg(
+        long = "log_backtrace_at",
+        env = "FLANNELD_LOG_BACKTRACE_AT",
+        default_value = ""
+    )]
     pub log_backtrace_at: String,
 }
 
@@ -151,7 +180,11 @@ pub enum FlagsError {
     #[error("{0}")]
     Help(String),
     #[error("invalid value {value:?} in environment variable {var}: {reason}")]
-    Env { var: String, value: String, reason: String },
+    Env {
+        var: String,
+        value: String,
+        reason: String,
+    },
     #[error("{0}")]
     Cli(String),
 }
@@ -166,7 +199,10 @@ impl Flags {
     ///
     /// clap reads `FLANNELD_*` itself (through the process environment); the
     /// `env` lookup is only used to say which variable held a bad value.
-    pub fn parse_from_iter<I, T>(args: I, env: impl Fn(&str) -> Option<String>) -> Result<Self, FlagsError>
+    pub fn parse_from_iter<I, T>(
+        args: I,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, FlagsError>
     where
         I: IntoIterator<Item = T>,
         T: Into<OsString>,
@@ -187,7 +223,12 @@ impl Flags {
 
     /// The etcd endpoints as a list.
     pub fn etcd_endpoint_list(&self) -> Vec<String> {
-        self.etcd_endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+        self.etcd_endpoints
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
     }
 }
 
@@ -199,23 +240,32 @@ pub fn normalize_annotation_prefix(p: &str) -> Result<String, String> {
         0 => format!("{p}/"),
         1 if p.ends_with('/') => p.to_string(),
         1 => format!("{p}-"),
-        _ => return Err(format!("annotation prefix {p:?} may contain at most one '/'")),
+        _ => {
+            return Err(format!(
+                "annotation prefix {p:?} may contain at most one '/'"
+            ))
+        }
     };
     let (domain, name) = prefix.split_once('/').unwrap_or((&prefix, ""));
     let label_ok = |l: &str| {
         !l.is_empty()
             && l.len() <= 63
-            && l.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && l.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             && !l.starts_with('-')
             && !l.ends_with('-')
     };
     if domain.is_empty() || domain.len() > 253 || !domain.split('.').all(label_ok) {
-        return Err(format!("annotation prefix {p:?} does not start with a DNS name"));
+        return Err(format!(
+            "annotation prefix {p:?} does not start with a DNS name"
+        ));
     }
     let name_ok = name.is_empty()
         || (name.len() < 63
             && name.ends_with('-')
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             && name.starts_with(|c: char| c.is_ascii_alphanumeric()));
     if !name_ok {
         return Err(format!("annotation prefix {p:?} has an invalid name part"));
@@ -232,20 +282,25 @@ fn go_style_args(mut args: Vec<OsString>) -> Vec<OsString> {
     let longs: Vec<(String, bool)> = cmd
         .get_arguments()
         .filter_map(|a| {
-            let takes = a.get_num_args().map(|n| n.min_values() > 0).unwrap_or(true) && a.get_action().takes_values();
+            let takes = a.get_num_args().map(|n| n.min_values() > 0).unwrap_or(true)
+                && a.get_action().takes_values();
             a.get_long().map(|l| (l.to_string(), takes))
         })
         .collect();
     let mut value_next = false;
     for a in args.iter_mut().skip(1) {
-        let Some(s) = a.to_str().map(String::from) else { continue };
+        let Some(s) = a.to_str().map(String::from) else {
+            continue;
+        };
         if std::mem::take(&mut value_next) {
             continue;
         }
         if s == "--" {
             break;
         }
-        let Some(rest) = s.strip_prefix('-') else { continue };
+        let Some(rest) = s.strip_prefix('-') else {
+            continue;
+        };
         let rest = rest.strip_prefix('-').unwrap_or(rest);
         let (name, has_value) = match rest.split_once('=') {
             Some((n, _)) => (n, true),
@@ -271,12 +326,23 @@ fn go_style_args(mut args: Vec<OsString>) -> Vec<OsString> {
 
 /// Turns a clap error into ours; a bad value that came from the environment
 /// names the variable, as the operator has to fix it there.
-fn explain(e: clap::Error, cmd: &clap::Command, args: &[OsString], env: &dyn Fn(&str) -> Option<String>) -> FlagsError {
+fn explain(
+    e: clap::Error,
+    cmd: &clap::Command,
+    args: &[OsString],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> FlagsError {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
-    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
         return FlagsError::Help(e.render().to_string());
     }
-    if matches!(e.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation) {
+    if matches!(
+        e.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
         if let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) {
             let long: String = arg
                 .trim_start_matches('-')
@@ -301,7 +367,11 @@ fn explain(e: clap::Error, cmd: &clap::Command, args: &[OsString], env: &dyn Fn(
                                 .unwrap_or_else(|| format!("not a valid value for --{long}")),
                             Some(other) => other.to_string(),
                         };
-                        return FlagsError::Env { var: var.to_string(), value, reason };
+                        return FlagsError::Env {
+                            var: var.to_string(),
+                            value,
+                            reason,
+                        };
                     }
                 }
             }
@@ -333,7 +403,10 @@ mod tests {
     #[test]
     fn defaults_match_upstream() {
         let f = parse(&[]).unwrap();
-        assert_eq!(f.etcd_endpoints, "http://127.0.0.1:4001,http://127.0.0.1:2379");
+        assert_eq!(
+            f.etcd_endpoints,
+            "http://127.0.0.1:4001,http://127.0.0.1:2379"
+        );
         assert_eq!(f.etcd_endpoint_list().len(), 2);
         assert_eq!(f.etcd_prefix, "/coreos.com/network");
         assert_eq!(f.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
@@ -344,7 +417,10 @@ mod tests {
         assert_eq!(f.healthz_port, 0);
         assert_eq!(f.iptables_resync, 5);
         assert!(f.iptables_forward_rules);
-        assert_eq!(f.net_config_path, PathBuf::from("/etc/kube-flannel/net-conf.json"));
+        assert_eq!(
+            f.net_config_path,
+            PathBuf::from("/etc/kube-flannel/net-conf.json")
+        );
         assert!(f.set_node_network_unavailable);
         assert_eq!(f.verbosity, 0);
         assert!(f.iface.is_empty() && f.iface_regex.is_empty());
@@ -367,7 +443,12 @@ mod tests {
 
     #[test]
     fn bool_false_and_go_spellings() {
-        let f = parse(&["--iptables-forward-rules=false", "-set-node-network-unavailable=F", "--ip-masq=1"]).unwrap();
+        let f = parse(&[
+            "--iptables-forward-rules=false",
+            "-set-node-network-unavailable=F",
+            "--ip-masq=1",
+        ])
+        .unwrap();
         assert!(!f.iptables_forward_rules);
         assert!(!f.set_node_network_unavailable);
         assert!(f.ip_masq);
@@ -376,7 +457,15 @@ mod tests {
 
     #[test]
     fn repeatable_iface_keeps_order() {
-        let f = parse(&["--iface", "eth1", "-iface=10.0.0.1", "--iface-regex", "^en", "-iface-regex=^eth"]).unwrap();
+        let f = parse(&[
+            "--iface",
+            "eth1",
+            "-iface=10.0.0.1",
+            "--iface-regex",
+            "^en",
+            "-iface-regex=^eth",
+        ])
+        .unwrap();
         assert_eq!(f.iface, vec!["eth1", "10.0.0.1"]);
         assert_eq!(f.iface_regex, vec!["^en", "^eth"]);
     }
@@ -402,9 +491,17 @@ mod tests {
         assert!(parse(&["--healthz-port=abc"]).is_err());
         assert!(parse(&["--subnet-lease-renew-margin=0"]).is_err());
         assert!(parse(&["--subnet-lease-renew-margin=1440"]).is_err());
-        assert_eq!(parse(&["--subnet-lease-renew-margin=1439"]).unwrap().subnet_lease_renew_margin, 1439);
+        assert_eq!(
+            parse(&["--subnet-lease-renew-margin=1439"])
+                .unwrap()
+                .subnet_lease_renew_margin,
+            1439
+        );
         assert!(parse(&["--public-ip=300.1.1.1"]).is_err());
-        assert_eq!(parse(&["--public-ip=198.18.0.11"]).unwrap().public_ip, Some("198.18.0.11".parse().unwrap()));
+        assert_eq!(
+            parse(&["--public-ip=198.18.0.11"]).unwrap().public_ip,
+            Some("198.18.0.11".parse().unwrap())
+        );
         assert!(parse(&["--iface-can-reach=nope"]).is_err());
         assert!(parse(&["--unknown-flag"]).is_err());
     }
@@ -413,12 +510,33 @@ mod tests {
     fn help_lists_every_upstream_flag() {
         let help = Flags::command().render_long_help().to_string();
         for flag in [
-            "--etcd-endpoints", "--etcd-prefix", "--etcd-keyfile", "--etcd-certfile", "--etcd-cafile",
-            "--etcd-username", "--etcd-password", "--iface", "--iface-regex", "--iface-can-reach",
-            "--subnet-file", "--public-ip", "--public-ipv6", "--subnet-lease-renew-margin", "--ip-masq",
-            "--kube-subnet-mgr", "--kube-api-url", "--kube-annotation-prefix", "--kubeconfig-file",
-            "--version", "--healthz-ip", "--healthz-port", "--iptables-resync", "--iptables-forward-rules",
-            "--net-config-path", "--set-node-network-unavailable", "-v",
+            "--etcd-endpoints",
+            "--etcd-prefix",
+            "--etcd-keyfile",
+            "--etcd-certfile",
+            "--etcd-cafile",
+            "--etcd-username",
+            "--etcd-password",
+            "--iface",
+            "--iface-regex",
+            "--iface-can-reach",
+            "--subnet-file",
+            "--public-ip",
+            "--public-ipv6",
+            "--subnet-lease-renew-margin",
+            "--ip-masq",
+            "--kube-subnet-mgr",
+            "--kube-api-url",
+            "--kube-annotation-prefix",
+            "--kubeconfig-file",
+            "--version",
+            "--healthz-ip",
+            "--healthz-port",
+            "--iptables-resync",
+            "--iptables-forward-rules",
+            "--net-config-path",
+            "--set-node-network-unavailable",
+            "-v",
         ] {
             assert!(help.contains(flag), "help misses {flag}");
         }
@@ -426,9 +544,18 @@ mod tests {
 
     #[test]
     fn annotation_prefix_rules() {
-        assert_eq!(normalize_annotation_prefix("flannel.alpha.coreos.com").unwrap(), "flannel.alpha.coreos.com/");
-        assert_eq!(normalize_annotation_prefix("example.com/").unwrap(), "example.com/");
-        assert_eq!(normalize_annotation_prefix("example.com/net").unwrap(), "example.com/net-");
+        assert_eq!(
+            normalize_annotation_prefix("flannel.alpha.coreos.com").unwrap(),
+            "flannel.alpha.coreos.com/"
+        );
+        assert_eq!(
+            normalize_annotation_prefix("example.com/").unwrap(),
+            "example.com/"
+        );
+        assert_eq!(
+            normalize_annotation_prefix("example.com/net").unwrap(),
+            "example.com/net-"
+        );
         assert!(normalize_annotation_prefix("a/b/c").is_err());
         assert!(normalize_annotation_prefix("Bad_Domain").is_err());
         assert!(normalize_annotation_prefix("").is_err());

@@ -19,7 +19,10 @@ pub struct ConfigError {
 }
 
 fn err(field: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError { field: field.to_string(), reason: reason.into() }
+    ConfigError {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// The subnets one address family hands out.
@@ -33,7 +36,11 @@ pub struct Pool {
 
 impl Pool {
     pub fn range(&self) -> SubnetRange {
-        SubnetRange { min: self.subnet_min, max: self.subnet_max, len: self.subnet_len }
+        SubnetRange {
+            min: self.subnet_min,
+            max: self.subnet_max,
+            len: self.subnet_len,
+        }
     }
 }
 
@@ -54,7 +61,15 @@ pub struct VxlanConf {
 
 impl Default for VxlanConf {
     fn default() -> Self {
-        VxlanConf { vni: 1, port: 0, gbp: false, learning: false, direct_routing: false, mtu: None, mac_prefix: None }
+        VxlanConf {
+            vni: 1,
+            port: 0,
+            gbp: false,
+            learning: false,
+            direct_routing: false,
+            mtu: None,
+            mac_prefix: None,
+        }
     }
 }
 
@@ -83,15 +98,32 @@ pub struct NetConf {
 }
 
 /// Backend types upstream knows but flannel-rs does not implement.
-const UPSTREAM_ONLY_BACKENDS: &[&str] =
-    &["udp", "ipip", "ipsec", "wireguard", "alloc", "extension", "alivpc", "ali-vpc", "awsvpc", "aws-vpc", "gce", "tencentvpc"];
+const UPSTREAM_ONLY_BACKENDS: &[&str] = &[
+    "udp",
+    "ipip",
+    "ipsec",
+    "wireguard",
+    "alloc",
+    "extension",
+    "alivpc",
+    "ali-vpc",
+    "awsvpc",
+    "aws-vpc",
+    "gce",
+    "tencentvpc",
+];
 
 /// Case-insensitive view of a JSON object, as Go decodes it.
 struct Fields<'a>(&'a Map<String, Value>);
 
 impl<'a> Fields<'a> {
     fn get(&self, name: &str) -> Option<&'a Value> {
-        self.0.get(name).or_else(|| self.0.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v))
+        self.0.get(name).or_else(|| {
+            self.0
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        })
     }
     fn string(&self, name: &str) -> Result<Option<&'a str>, ConfigError> {
         match self.get(name) {
@@ -112,7 +144,10 @@ impl<'a> Fields<'a> {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(v) if v <= max => Ok(Some(v)),
-                _ => Err(err(name, format!("{n} is not a whole number between 0 and {max}"))),
+                _ => Err(err(
+                    name,
+                    format!("{n} is not a whole number between 0 and {max}"),
+                )),
             },
             Some(v) => Err(err(name, format!("expected a number, got {v}"))),
         }
@@ -122,7 +157,8 @@ impl<'a> Fields<'a> {
 impl NetConf {
     /// Parses and validates net-conf JSON text.
     pub fn parse(text: &str) -> Result<NetConf, ConfigError> {
-        let value: Value = serde_json::from_str(text).map_err(|e| err("net-conf.json", format!("invalid JSON: {e}")))?;
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| err("net-conf.json", format!("invalid JSON: {e}")))?;
         let Value::Object(map) = value else {
             return Err(err("net-conf.json", "expected a JSON object"));
         };
@@ -130,10 +166,16 @@ impl NetConf {
         let enable_v4 = f.bool("EnableIPv4", true)?;
         let enable_v6 = f.bool("EnableIPv6", false)?;
         if !enable_v4 && !enable_v6 {
-            return Err(err("EnableIPv4", "both EnableIPv4 and EnableIPv6 are false; enable at least one family"));
+            return Err(err(
+                "EnableIPv4",
+                "both EnableIPv4 and EnableIPv6 are false; enable at least one family",
+            ));
         }
         if f.get("Networks").is_some() || f.get("IPv6Networks").is_some() {
-            return Err(err("Networks", "multiple networks are not supported by flannel-rs; use Network"));
+            return Err(err(
+                "Networks",
+                "multiple networks are not supported by flannel-rs; use Network",
+            ));
         }
         let v4 = if enable_v4 {
             Some(pool(&f, Family::V4)?)
@@ -147,12 +189,21 @@ impl NetConf {
         };
         let backend = backend(f.get("Backend"))?;
         let enable_nftables = f.bool("EnableNFTables", false)?;
-        Ok(NetConf { v4, v6, backend, enable_nftables })
+        Ok(NetConf {
+            v4,
+            v6,
+            backend,
+            enable_nftables,
+        })
     }
 
     pub fn from_file(path: &std::path::Path) -> Result<NetConf, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| err("net-conf.json", format!("cannot read {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            err(
+                "net-conf.json",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
         Self::parse(&text)
     }
 }
@@ -203,9 +254,14 @@ impl Family {
 }
 
 fn parse_addr(field: &str, s: &str, want_v4: bool) -> Result<IpAddr, ConfigError> {
-    let a: IpAddr = s.parse().map_err(|_| err(field, format!("{s:?} is not an IP address")))?;
+    let a: IpAddr = s
+        .parse()
+        .map_err(|_| err(field, format!("{s:?} is not an IP address")))?;
     if a.is_ipv4() != want_v4 {
-        return Err(err(field, format!("{s} is not an IPv{} address", if want_v4 { 4 } else { 6 })));
+        return Err(err(
+            field,
+            format!("{s} is not an IPv{} address", if want_v4 { 4 } else { 6 }),
+        ));
     }
     Ok(a)
 }
@@ -213,19 +269,45 @@ fn parse_addr(field: &str, s: &str, want_v4: bool) -> Result<IpAddr, ConfigError
 fn pool(f: &Fields, fam: Family) -> Result<Pool, ConfigError> {
     let n = fam.names();
     let want_v4 = matches!(fam, Family::V4);
-    let text = f.string(n.network)?.ok_or_else(|| err(n.network, "missing; please define the network to hand out subnets from"))?;
-    let network: IpNetwork = text.parse().map_err(|_| err(n.network, format!("{text:?} is not a CIDR")))?;
+    let text = f.string(n.network)?.ok_or_else(|| {
+        err(
+            n.network,
+            "missing; please define the network to hand out subnets from",
+        )
+    })?;
+    let network: IpNetwork = text
+        .parse()
+        .map_err(|_| err(n.network, format!("{text:?} is not a CIDR")))?;
     if network.is_ipv4() != want_v4 {
-        return Err(err(n.network, format!("{text} is not an IPv{} network", if want_v4 { 4 } else { 6 })));
+        return Err(err(
+            n.network,
+            format!(
+                "{text} is not an IPv{} network",
+                if want_v4 { 4 } else { 6 }
+            ),
+        ));
     }
     if !subnet::is_canonical(&network) {
-        return Err(err(n.network, format!("{text} has host bits set (did you mean {}/{}?)", network.network(), network.prefix())));
+        return Err(err(
+            n.network,
+            format!(
+                "{text} has host bits set (did you mean {}/{}?)",
+                network.network(),
+                network.prefix()
+            ),
+        ));
     }
     let prefix = network.prefix();
     let subnet_len = match f.uint(n.len, 255)? {
         Some(0) | None => {
             if prefix > n.max_prefix {
-                return Err(err(n.network, format!("{text} is too small; the minimum useful network prefix is /{}", n.max_prefix)));
+                return Err(err(
+                    n.network,
+                    format!(
+                        "{text} is too small; the minimum useful network prefix is /{}",
+                        n.max_prefix
+                    ),
+                ));
             }
             if prefix <= n.default_len - 2 {
                 n.default_len
@@ -236,7 +318,10 @@ fn pool(f: &Fields, fam: Family) -> Result<Pool, ConfigError> {
         Some(len) => {
             let len = len as u8;
             if len > n.max_len {
-                return Err(err(n.len, format!("/{len} is too long; it must be at most /{}", n.max_len)));
+                return Err(err(
+                    n.len,
+                    format!("/{len} is too long; it must be at most /{}", n.max_len),
+                ));
             }
             if len < prefix + 2 {
                 return Err(err(
@@ -255,24 +340,40 @@ fn pool(f: &Fields, fam: Family) -> Result<Pool, ConfigError> {
             Some(s) => parse_addr(field, s, want_v4)?,
         };
         if !network.contains(addr) {
-            return Err(err(field, format!("{addr} is not in the range of the network {network}")));
+            return Err(err(
+                field,
+                format!("{addr} is not in the range of the network {network}"),
+            ));
         }
         if (subnet::to_u128(addr) - first) % step != 0 {
-            return Err(err(field, format!("{addr} is not on a /{subnet_len} boundary")));
+            return Err(err(
+                field,
+                format!("{addr} is not on a /{subnet_len} boundary"),
+            ));
         }
         Ok(addr)
     };
     let subnet_min = bound(n.min, first + step)?;
     let subnet_max = bound(n.max, last + 1 - step)?;
     if subnet::to_u128(subnet_min) > subnet::to_u128(subnet_max) {
-        return Err(err(n.min, format!("{subnet_min} is above {} {subnet_max}", n.max)));
+        return Err(err(
+            n.min,
+            format!("{subnet_min} is above {} {subnet_max}", n.max),
+        ));
     }
-    Ok(Pool { network, subnet_len, subnet_min, subnet_max })
+    Ok(Pool {
+        network,
+        subnet_len,
+        subnet_min,
+        subnet_max,
+    })
 }
 
 fn backend(v: Option<&Value>) -> Result<BackendConf, ConfigError> {
     let map = match v {
-        None | Some(Value::Null) => return Err(unsupported("udp", " (the default when Backend is missing)")),
+        None | Some(Value::Null) => {
+            return Err(unsupported("udp", " (the default when Backend is missing)"))
+        }
         Some(Value::Object(m)) => m,
         Some(other) => return Err(err("Backend", format!("expected an object, got {other}"))),
     };
@@ -282,22 +383,38 @@ fn backend(v: Option<&Value>) -> Result<BackendConf, ConfigError> {
         "vxlan" => Ok(BackendConf::Vxlan(vxlan(&f)?)),
         "host-gw" => Ok(BackendConf::HostGw),
         t if UPSTREAM_ONLY_BACKENDS.contains(&t) => Err(unsupported(t, "")),
-        t => Err(err("Backend.Type", format!("unknown backend type {t:?} (flannel-rs supports vxlan and host-gw)"))),
+        t => Err(err(
+            "Backend.Type",
+            format!("unknown backend type {t:?} (flannel-rs supports vxlan and host-gw)"),
+        )),
     }
 }
 
 fn unsupported(t: &str, why: &str) -> ConfigError {
-    err("Backend.Type", format!("backend type {t:?}{why} is not supported by flannel-rs (supported: vxlan, host-gw)"))
+    err(
+        "Backend.Type",
+        format!(
+            "backend type {t:?}{why} is not supported by flannel-rs (supported: vxlan, host-gw)"
+        ),
+    )
 }
 
 fn vxlan(f: &Fields) -> Result<VxlanConf, ConfigError> {
     let field = |name: &str| format!("Backend.{name}");
-    let rename = |e: ConfigError| ConfigError { field: field(&e.field), reason: e.reason };
+    let rename = |e: ConfigError| ConfigError {
+        field: field(&e.field),
+        reason: e.reason,
+    };
     let vni = f.uint("VNI", (1 << 24) - 1).map_err(rename)?.unwrap_or(1) as u32;
     let port = f.uint("Port", 65535).map_err(rename)?.unwrap_or(0) as u16;
     let mtu = match f.uint("MTU", 65535).map_err(rename)? {
         None | Some(0) => None,
-        Some(m) if m < 68 => return Err(err(&field("MTU"), format!("{m} is below the IPv4 minimum of 68"))),
+        Some(m) if m < 68 => {
+            return Err(err(
+                &field("MTU"),
+                format!("{m} is below the IPv4 minimum of 68"),
+            ))
+        }
         Some(m) => Some(m as u32),
     };
     let mac_prefix = match f.string("MacPrefix").map_err(rename)? {
@@ -331,7 +448,9 @@ fn parse_mac_prefix(s: &str) -> Result<Vec<u8>, String> {
 
 /// The IPv4 network or the unspecified address, for places that print it.
 pub fn v4_or_unspecified(p: &Option<Pool>) -> IpAddr {
-    p.as_ref().map(|p| p.network.ip()).unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    p.as_ref()
+        .map(|p| p.network.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
 }
 
 #[cfg(test)]
@@ -361,9 +480,27 @@ mod tests {
 
     #[test]
     fn subnet_len_defaults_follow_prefix() {
-        assert_eq!(ok(&format!(r#"{{"Network":"10.0.0.0/22",{VX}}}"#)).v4.unwrap().subnet_len, 24);
-        assert_eq!(ok(&format!(r#"{{"Network":"10.0.0.0/23",{VX}}}"#)).v4.unwrap().subnet_len, 25);
-        assert_eq!(ok(&format!(r#"{{"Network":"10.0.0.0/28",{VX}}}"#)).v4.unwrap().subnet_len, 30);
+        assert_eq!(
+            ok(&format!(r#"{{"Network":"10.0.0.0/22",{VX}}}"#))
+                .v4
+                .unwrap()
+                .subnet_len,
+            24
+        );
+        assert_eq!(
+            ok(&format!(r#"{{"Network":"10.0.0.0/23",{VX}}}"#))
+                .v4
+                .unwrap()
+                .subnet_len,
+            25
+        );
+        assert_eq!(
+            ok(&format!(r#"{{"Network":"10.0.0.0/28",{VX}}}"#))
+                .v4
+                .unwrap()
+                .subnet_len,
+            30
+        );
         let e = bad(&format!(r#"{{"Network":"10.0.0.0/29",{VX}}}"#));
         assert_eq!(e.field, "Network");
         assert!(e.reason.contains("too small"));
@@ -371,27 +508,54 @@ mod tests {
 
     #[test]
     fn explicit_subnet_len_bounds() {
-        assert_eq!(ok(&format!(r#"{{"Network":"10.0.0.0/8","SubnetLen":20,{VX}}}"#)).v4.unwrap().subnet_len, 20);
-        let e = bad(&format!(r#"{{"Network":"10.0.0.0/8","SubnetLen":31,{VX}}}"#));
+        assert_eq!(
+            ok(&format!(
+                r#"{{"Network":"10.0.0.0/8","SubnetLen":20,{VX}}}"#
+            ))
+            .v4
+            .unwrap()
+            .subnet_len,
+            20
+        );
+        let e = bad(&format!(
+            r#"{{"Network":"10.0.0.0/8","SubnetLen":31,{VX}}}"#
+        ));
         assert_eq!(e.field, "SubnetLen");
-        let e = bad(&format!(r#"{{"Network":"10.244.0.0/16","SubnetLen":16,{VX}}}"#));
+        let e = bad(&format!(
+            r#"{{"Network":"10.244.0.0/16","SubnetLen":16,{VX}}}"#
+        ));
         assert_eq!(e.field, "SubnetLen");
         assert!(e.to_string().contains("/16"));
-        let e = bad(&format!(r#"{{"Network":"10.244.0.0/16","SubnetLen":17,{VX}}}"#));
+        let e = bad(&format!(
+            r#"{{"Network":"10.244.0.0/16","SubnetLen":17,{VX}}}"#
+        ));
         assert_eq!(e.field, "SubnetLen");
-        assert_eq!(ok(&format!(r#"{{"Network":"10.244.0.0/16","SubnetLen":18,{VX}}}"#)).v4.unwrap().subnet_len, 18);
+        assert_eq!(
+            ok(&format!(
+                r#"{{"Network":"10.244.0.0/16","SubnetLen":18,{VX}}}"#
+            ))
+            .v4
+            .unwrap()
+            .subnet_len,
+            18
+        );
     }
 
     #[test]
     fn subnet_min_max() {
-        let c = ok(&format!(r#"{{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0","SubnetMax":"10.244.20.0",{VX}}}"#));
+        let c = ok(&format!(
+            r#"{{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0","SubnetMax":"10.244.20.0",{VX}}}"#
+        ));
         let p = c.v4.unwrap();
         assert_eq!(p.range().count(), 11);
         for (json, field) in [
             (r#""SubnetMin":"10.245.0.0""#, "SubnetMin"),
             (r#""SubnetMax":"10.0.0.0""#, "SubnetMax"),
             (r#""SubnetMin":"10.244.1.7""#, "SubnetMin"),
-            (r#""SubnetMin":"10.244.20.0","SubnetMax":"10.244.10.0""#, "SubnetMin"),
+            (
+                r#""SubnetMin":"10.244.20.0","SubnetMax":"10.244.10.0""#,
+                "SubnetMin",
+            ),
             (r#""SubnetMin":"banana""#, "SubnetMin"),
             (r#""SubnetMin":"fd00::""#, "SubnetMin"),
             (r#""SubnetMin":5"#, "SubnetMin"),
@@ -404,9 +568,18 @@ mod tests {
     #[test]
     fn network_errors_name_the_field() {
         assert_eq!(bad(&format!(r#"{{{VX}}}"#)).field, "Network");
-        assert_eq!(bad(&format!(r#"{{"Network":"10.244.0.0",{VX}}}"#)).field, "Network");
-        assert_eq!(bad(&format!(r#"{{"Network":"10.244.1.0/16",{VX}}}"#)).field, "Network");
-        assert_eq!(bad(&format!(r#"{{"Network":"fd00::/48",{VX}}}"#)).field, "Network");
+        assert_eq!(
+            bad(&format!(r#"{{"Network":"10.244.0.0",{VX}}}"#)).field,
+            "Network"
+        );
+        assert_eq!(
+            bad(&format!(r#"{{"Network":"10.244.1.0/16",{VX}}}"#)).field,
+            "Network"
+        );
+        assert_eq!(
+            bad(&format!(r#"{{"Network":"fd00::/48",{VX}}}"#)).field,
+            "Network"
+        );
         assert_eq!(bad(&format!(r#"{{"Network":16,{VX}}}"#)).field, "Network");
         assert_eq!(bad("{not json").field, "net-conf.json");
         assert_eq!(bad("[]").field, "net-conf.json");
@@ -417,8 +590,15 @@ mod tests {
         let e = bad(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"carrier-pigeon"}}"#);
         assert_eq!(e.field, "Backend.Type");
         assert!(e.to_string().contains("carrier-pigeon"));
-        assert_eq!(bad(r#"{"Network":"10.244.0.0/16","Backend":"vxlan"}"#).field, "Backend");
-        assert_eq!(bad(r#"{"Network":"10.244.0.0/16","EnableIPv4":"yes","Backend":{"Type":"vxlan"}}"#).field, "EnableIPv4");
+        assert_eq!(
+            bad(r#"{"Network":"10.244.0.0/16","Backend":"vxlan"}"#).field,
+            "Backend"
+        );
+        assert_eq!(
+            bad(r#"{"Network":"10.244.0.0/16","EnableIPv4":"yes","Backend":{"Type":"vxlan"}}"#)
+                .field,
+            "EnableIPv4"
+        );
     }
 
     #[test]
@@ -430,9 +610,16 @@ mod tests {
 
     #[test]
     fn vxlan_fields() {
-        let c = ok(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":4096,"Port":4789,"GBP":true,"Learning":true,"DirectRouting":true,"MTU":1400,"MacPrefix":"0E:2A"}}"#);
-        let BackendConf::Vxlan(v) = c.backend else { panic!() };
-        assert_eq!((v.vni, v.port, v.gbp, v.learning, v.direct_routing, v.mtu), (4096, 4789, true, true, true, Some(1400)));
+        let c = ok(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":4096,"Port":4789,"GBP":true,"Learning":true,"DirectRouting":true,"MTU":1400,"MacPrefix":"0E:2A"}}"#,
+        );
+        let BackendConf::Vxlan(v) = c.backend else {
+            panic!()
+        };
+        assert_eq!(
+            (v.vni, v.port, v.gbp, v.learning, v.direct_routing, v.mtu),
+            (4096, 4789, true, true, true, Some(1400))
+        );
         assert_eq!(v.mac_prefix, Some(vec![0x0e, 0x2a]));
         for (json, field) in [
             (r#""VNI":16777216"#, "Backend.VNI"),
@@ -444,27 +631,43 @@ mod tests {
             (r#""MacPrefix":"01:00""#, "Backend.MacPrefix"),
             (r#""MacPrefix":"zz""#, "Backend.MacPrefix"),
         ] {
-            let e = bad(&format!(r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"vxlan",{json}}}}}"#));
+            let e = bad(&format!(
+                r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"vxlan",{json}}}}}"#
+            ));
             assert_eq!(e.field, field, "{json}: {e}");
         }
     }
 
     #[test]
     fn ipv6_and_dual_stack() {
-        let c = ok(r#"{"EnableIPv6":true,"Network":"10.244.0.0/16","IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#);
+        let c = ok(
+            r#"{"EnableIPv6":true,"Network":"10.244.0.0/16","IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+        );
         let p6 = c.v6.unwrap();
         assert_eq!(p6.subnet_len, 64);
         assert_eq!(p6.subnet_min.to_string(), "fd00:10:244:1::");
         assert_eq!(p6.subnet_max.to_string(), "fd00:10:244:ff::");
-        let c = ok(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/120","Backend":{"Type":"host-gw"}}"#);
+        let c = ok(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/120","Backend":{"Type":"host-gw"}}"#,
+        );
         assert!(c.v4.is_none());
         assert_eq!(c.v6.unwrap().subnet_len, 122);
-        assert_eq!(bad(r#"{"EnableIPv6":true,"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).field, "IPv6Network");
+        assert_eq!(
+            bad(r#"{"EnableIPv6":true,"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
+                .field,
+            "IPv6Network"
+        );
         assert_eq!(bad(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/125","Backend":{"Type":"vxlan"}}"#).field, "IPv6Network");
         assert_eq!(bad(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetLen":127,"Backend":{"Type":"vxlan"}}"#).field, "IPv6SubnetLen");
         assert_eq!(bad(r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00::/48","IPv6SubnetMin":"fd01::","Backend":{"Type":"vxlan"}}"#).field, "IPv6SubnetMin");
-        assert_eq!(bad(r#"{"EnableIPv4":false,"EnableIPv6":false,"Backend":{"Type":"vxlan"}}"#).field, "EnableIPv4");
-        assert!(ok(r#"{"Network":"10.0.0.0/8","EnableNFTables":true,"Backend":{"Type":"host-gw"}}"#).enable_nftables);
+        assert_eq!(
+            bad(r#"{"EnableIPv4":false,"EnableIPv6":false,"Backend":{"Type":"vxlan"}}"#).field,
+            "EnableIPv4"
+        );
+        assert!(
+            ok(r#"{"Network":"10.0.0.0/8","EnableNFTables":true,"Backend":{"Type":"host-gw"}}"#)
+                .enable_nftables
+        );
     }
 
     proptest::proptest! {

@@ -59,14 +59,25 @@ pub struct Changes<K, V> {
 
 impl<K, V> Default for Changes<K, V> {
     fn default() -> Self {
-        Changes { set: vec![], del: vec![] }
+        Changes {
+            set: vec![],
+            del: vec![],
+        }
     }
 }
 
 impl<K: Ord + Clone, V: PartialEq + Clone> Changes<K, V> {
     fn between(want: &BTreeMap<K, V>, have: &BTreeMap<K, V>) -> Self {
-        let set = want.iter().filter(|(k, v)| have.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
-        let del = have.iter().filter(|(k, _)| !want.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let set = want
+            .iter()
+            .filter(|(k, v)| have.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let del = have
+            .iter()
+            .filter(|(k, _)| !want.contains_key(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         Changes { set, del }
     }
 
@@ -89,7 +100,10 @@ pub struct Diff {
 
 impl Diff {
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty() && self.neighs.is_empty() && self.fdb.is_empty() && self.fdb_extra.is_empty()
+        self.routes.is_empty()
+            && self.neighs.is_empty()
+            && self.fdb.is_empty()
+            && self.fdb_extra.is_empty()
     }
 
     pub fn ops(&self) -> usize {
@@ -143,7 +157,11 @@ mod tests {
         s.parse().unwrap()
     }
     fn vx(i: u8) -> Route {
-        Route { via: ip(&format!("10.244.{i}.0")), dev: Dev::Overlay, onlink: true }
+        Route {
+            via: ip(&format!("10.244.{i}.0")),
+            dev: Dev::Overlay,
+            onlink: true,
+        }
     }
 
     fn state(peers: &[u8]) -> State {
@@ -183,7 +201,14 @@ mod tests {
         let mut have = state(&[2]);
         have.fdb.insert(mac(2), ip("198.18.0.99"));
         have.neighs.insert(ip("10.244.2.0"), mac(9));
-        have.routes.insert(net("10.244.2.0/24"), Route { via: ip("198.18.0.2"), dev: Dev::Underlay, onlink: false });
+        have.routes.insert(
+            net("10.244.2.0/24"),
+            Route {
+                via: ip("198.18.0.2"),
+                dev: Dev::Underlay,
+                onlink: false,
+            },
+        );
         let d = diff(&state(&[2]), &observed(have));
         assert_eq!(d.fdb.set, vec![(mac(2), ip("198.18.0.2"))]);
         assert!(d.fdb.del.is_empty());

@@ -6,11 +6,20 @@ use std::net::IpAddr;
 
 use futures::{stream, StreamExt, TryStreamExt};
 use ipnetwork::IpNetwork;
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST};
+use netlink_packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST,
+};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType};
+use netlink_packet_route::link::{
+    InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
+};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder};
 
@@ -41,7 +50,11 @@ impl NetlinkError {
 }
 
 fn nlerr(op: &'static str, target: impl ToString) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
-    move |source| NetlinkError { op, target: target.to_string(), source }
+    move |source| NetlinkError {
+        op,
+        target: target.to_string(),
+        source,
+    }
 }
 
 /// VXLAN attributes that decide whether an existing device can be reused.
@@ -81,7 +94,9 @@ fn parse_link(m: &LinkMessage) -> Link {
         match a {
             LinkAttribute::IfName(n) => l.name = n.clone(),
             LinkAttribute::Mtu(v) => l.mtu = *v,
-            LinkAttribute::Address(b) if b.len() == 6 => l.mac = Some(Mac([b[0], b[1], b[2], b[3], b[4], b[5]])),
+            LinkAttribute::Address(b) if b.len() == 6 => {
+                l.mac = Some(Mac([b[0], b[1], b[2], b[3], b[4], b[5]]))
+            }
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     match i {
@@ -219,23 +234,53 @@ impl Netlink {
     }
 
     pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
-        let msgs: Vec<LinkMessage> =
-            self.handle.link().get().execute().try_collect().await.map_err(nlerr("dump", "links"))?;
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nlerr("dump", "links"))?;
         Ok(msgs.iter().map(parse_link).collect())
     }
 
     pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>, NetlinkError> {
-        match self.handle.link().get().match_name(name.to_string()).execute().try_next().await {
+        match self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_next()
+            .await
+        {
             Ok(m) => Ok(m.as_ref().map(parse_link)),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| -c.get()) == Some(libc::ENODEV) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.code.map(|c| -c.get()) == Some(libc::ENODEV) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(nlerr("get link", name)(e)),
         }
     }
 
     pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError> {
-        match self.handle.link().get().match_index(index).execute().try_next().await {
+        match self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await
+        {
             Ok(m) => Ok(m.as_ref().map(parse_link)),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| -c.get()) == Some(libc::ENODEV) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.code.map(|c| -c.get()) == Some(libc::ENODEV) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(nlerr("get link", index)(e)),
         }
     }
@@ -267,21 +312,47 @@ impl Netlink {
         if let Some(mtu) = s.mtu {
             b = b.mtu(mtu);
         }
-        self.handle.link().add(b.build()).execute().await.map_err(nlerr("create vxlan", &s.name))
+        self.handle
+            .link()
+            .add(b.build())
+            .execute()
+            .await
+            .map_err(nlerr("create vxlan", &s.name))
     }
 
     pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
-        self.handle.link().del(index).execute().await.map_err(nlerr("delete link", index))
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(nlerr("delete link", index))
     }
 
     pub async fn set_up(&self, index: u32) -> Result<(), NetlinkError> {
-        let msg = LinkMessageBuilder::<LinkUnspec>::new().index(index).up().build();
-        self.handle.link().set(msg).execute().await.map_err(nlerr("set up", index))
+        let msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .index(index)
+            .up()
+            .build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(nlerr("set up", index))
     }
 
     pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
-        let msg = LinkMessageBuilder::<LinkUnspec>::new().index(index).mtu(mtu).build();
-        self.handle.link().set(msg).execute().await.map_err(nlerr("set mtu", index))
+        let msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .index(index)
+            .mtu(mtu)
+            .build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(nlerr("set mtu", index))
     }
 
     /// Addresses on a link (prefix form, host bits kept).
@@ -315,7 +386,12 @@ impl Netlink {
     }
 
     pub async fn add_address(&self, index: u32, a: IpNetwork) -> Result<(), NetlinkError> {
-        self.handle.address().add(index, a.ip(), a.prefix()).execute().await.map_err(nlerr("add address", a))
+        self.handle
+            .address()
+            .add(index, a.ip(), a.prefix())
+            .execute()
+            .await
+            .map_err(nlerr("add address", a))
     }
 
     pub async fn del_address(&self, index: u32, a: IpNetwork) -> Result<(), NetlinkError> {
@@ -325,11 +401,19 @@ impl Netlink {
         m.header.index = index;
         m.attributes.push(AddressAttribute::Local(a.ip()));
         m.attributes.push(AddressAttribute::Address(a.ip()));
-        self.handle.address().del(m).execute().await.map_err(nlerr("delete address", a))
+        self.handle
+            .address()
+            .del(m)
+            .execute()
+            .await
+            .map_err(nlerr("delete address", a))
     }
 
     /// `ip route get <dst>`: the output interface and gateway, if any.
-    pub async fn route_get(&self, dst: IpAddr) -> Result<Option<(u32, Option<IpAddr>)>, NetlinkError> {
+    pub async fn route_get(
+        &self,
+        dst: IpAddr,
+    ) -> Result<Option<(u32, Option<IpAddr>)>, NetlinkError> {
         let mut m = RouteMessage::default();
         m.header.address_family = family(dst);
         m.header.destination_prefix_length = subnet::width(dst);
@@ -337,30 +421,72 @@ impl Netlink {
         let r = self.handle.route().get(m).execute().try_next().await;
         let r = match r {
             Ok(r) => r,
-            Err(rtnetlink::Error::NetlinkError(e)) if e.code.map(|c| -c.get()) == Some(libc::ENETUNREACH) => return Ok(None),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.code.map(|c| -c.get()) == Some(libc::ENETUNREACH) =>
+            {
+                return Ok(None)
+            }
             Err(e) => return Err(nlerr("route get", dst)(e)),
         };
         Ok(r.and_then(|m| {
-            let oif = m.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None })?;
-            let gw = m.attributes.iter().find_map(|a| if let RouteAttribute::Gateway(g) = a { route_ip(g) } else { None });
+            let oif = m.attributes.iter().find_map(|a| {
+                if let RouteAttribute::Oif(i) = a {
+                    Some(*i)
+                } else {
+                    None
+                }
+            })?;
+            let gw = m.attributes.iter().find_map(|a| {
+                if let RouteAttribute::Gateway(g) = a {
+                    route_ip(g)
+                } else {
+                    None
+                }
+            });
             Some((oif, gw))
         }))
     }
 
     /// Default-route interface index for the family of `like`.
     pub async fn default_route_link(&self, v6: bool) -> Result<Option<u32>, NetlinkError> {
-        let msg = if v6 { RouteMessageBuilder::<std::net::Ipv6Addr>::new().build() } else { RouteMessageBuilder::<std::net::Ipv4Addr>::new().build() };
-        let routes: Vec<RouteMessage> = self.handle.route().get(msg).execute().try_collect().await.map_err(nlerr("dump", "routes"))?;
+        let msg = if v6 {
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+        };
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(msg)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nlerr("dump", "routes"))?;
         Ok(routes
             .iter()
-            .filter(|r| r.header.destination_prefix_length == 0 && r.header.table == RouteHeader::RT_TABLE_MAIN)
-            .find_map(|r| r.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None })))
+            .filter(|r| {
+                r.header.destination_prefix_length == 0
+                    && r.header.table == RouteHeader::RT_TABLE_MAIN
+            })
+            .find_map(|r| {
+                r.attributes.iter().find_map(|a| {
+                    if let RouteAttribute::Oif(i) = a {
+                        Some(*i)
+                    } else {
+                        None
+                    }
+                })
+            }))
     }
 
     /// Reads the entries this agent owns for one address family.
     pub async fn observe(&self, dev: Devices, scope: Scope) -> Result<Observed, NetlinkError> {
         let v6 = scope.network.is_ipv6();
-        let msg = if v6 { RouteMessageBuilder::<std::net::Ipv6Addr>::new().build() } else { RouteMessageBuilder::<std::net::Ipv4Addr>::new().build() };
+        let msg = if v6 {
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+        };
         let mut obs = Observed::default();
         let mut routes = self.handle.route().get(msg).execute();
         while let Some(r) = routes.try_next().await.map_err(nlerr("dump", "routes"))? {
@@ -378,9 +504,14 @@ impl Netlink {
                     _ => {}
                 }
             }
-            let (Some(dst), Some(oif)) = (dst, oif) else { continue };
-            let Ok(net) = IpNetwork::new(dst, r.header.destination_prefix_length) else { continue };
-            if !subnet::is_proper_subnet(&scope.network, &net) || subnet::overlaps(&net, &scope.own) {
+            let (Some(dst), Some(oif)) = (dst, oif) else {
+                continue;
+            };
+            let Ok(net) = IpNetwork::new(dst, r.header.destination_prefix_length) else {
+                continue;
+            };
+            if !subnet::is_proper_subnet(&scope.network, &net) || subnet::overlaps(&net, &scope.own)
+            {
                 continue;
             }
             let dev_kind = if Some(oif) == dev.overlay {
@@ -391,12 +522,34 @@ impl Netlink {
                 continue;
             };
             let Some(via) = gw else { continue };
-            obs.state.routes.insert(net, Route { via, dev: dev_kind, onlink: r.header.flags.contains(RouteFlags::Onlink) });
+            obs.state.routes.insert(
+                net,
+                Route {
+                    via,
+                    dev: dev_kind,
+                    onlink: r.header.flags.contains(RouteFlags::Onlink),
+                },
+            );
         }
-        let Some(overlay) = dev.overlay else { return Ok(obs) };
-        let fam = if v6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
-        let mut neighs = self.handle.neighbours().get().set_address_family(fam).execute();
-        while let Some(n) = neighs.try_next().await.map_err(nlerr("dump", "neighbours"))? {
+        let Some(overlay) = dev.overlay else {
+            return Ok(obs);
+        };
+        let fam = if v6 {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        let mut neighs = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(fam)
+            .execute();
+        while let Some(n) = neighs
+            .try_next()
+            .await
+            .map_err(nlerr("dump", "neighbours"))?
+        {
             if n.header.ifindex != overlay || n.header.state != NeighbourState::Permanent {
                 continue;
             }
@@ -405,13 +558,20 @@ impl Netlink {
                 obs.state.neighs.insert(ip, mac);
             }
         }
-        let mut fdb = self.handle.neighbours().get().set_address_family(AddressFamily::Bridge).execute();
+        let mut fdb = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute();
         while let Some(n) = fdb.try_next().await.map_err(nlerr("dump", "fdb"))? {
             if n.header.ifindex != overlay || !n.header.flags.contains(NeighbourFlags::Own) {
                 continue;
             }
             let (ip, mac) = neigh_fields(&n);
-            let (Some(ip), Some(mac)) = (ip, mac) else { continue };
+            let (Some(ip), Some(mac)) = (ip, mac) else {
+                continue;
+            };
             if ip.is_ipv6() != v6 || mac.0 == [0; 6] {
                 continue;
             }
@@ -430,7 +590,8 @@ impl Netlink {
         m.header.protocol = RouteProtocol::Boot;
         m.header.scope = RouteScope::Universe;
         m.header.kind = RouteType::Unicast;
-        m.attributes.push(RouteAttribute::Destination(addr_of(dst.network())));
+        m.attributes
+            .push(RouteAttribute::Destination(addr_of(dst.network())));
         if let Some(r) = r {
             m.attributes.push(RouteAttribute::Gateway(addr_of(r.via)));
             m.attributes.push(RouteAttribute::Oif(dev.index(r.dev)?));
@@ -451,7 +612,8 @@ impl Netlink {
             IpAddr::V4(v) => NeighbourAddress::Inet(v),
             IpAddr::V6(v) => NeighbourAddress::Inet6(v),
         }));
-        m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
         m
     }
 
@@ -472,30 +634,60 @@ impl Netlink {
         let mut dels: Vec<Op> = Vec::new();
         for (dst, r) in &d.routes.del {
             if let Some(m) = self.route_msg(*dst, Some(r), dev) {
-                dels.push((RouteNetlinkMessage::DelRoute(m), 0, "delete route", dst.to_string()));
+                dels.push((
+                    RouteNetlinkMessage::DelRoute(m),
+                    0,
+                    "delete route",
+                    dst.to_string(),
+                ));
             }
         }
         if let Some(o) = dev.overlay {
             for (ip, mac) in &d.neighs.del {
-                dels.push((RouteNetlinkMessage::DelNeighbour(Self::neigh_msg(o, *ip, *mac)), 0, "delete neighbour", ip.to_string()));
+                dels.push((
+                    RouteNetlinkMessage::DelNeighbour(Self::neigh_msg(o, *ip, *mac)),
+                    0,
+                    "delete neighbour",
+                    ip.to_string(),
+                ));
             }
             for (mac, ip) in d.fdb.del.iter().chain(d.fdb_extra.iter()) {
-                dels.push((RouteNetlinkMessage::DelNeighbour(Self::fdb_msg(o, *mac, *ip)), 0, "delete fdb", format!("{mac} dst {ip}")));
+                dels.push((
+                    RouteNetlinkMessage::DelNeighbour(Self::fdb_msg(o, *mac, *ip)),
+                    0,
+                    "delete fdb",
+                    format!("{mac} dst {ip}"),
+                ));
             }
         }
         let mut l2: Vec<Op> = Vec::new();
         if let Some(o) = dev.overlay {
             for (ip, mac) in &d.neighs.set {
-                l2.push((RouteNetlinkMessage::NewNeighbour(Self::neigh_msg(o, *ip, *mac)), replace, "set neighbour", ip.to_string()));
+                l2.push((
+                    RouteNetlinkMessage::NewNeighbour(Self::neigh_msg(o, *ip, *mac)),
+                    replace,
+                    "set neighbour",
+                    ip.to_string(),
+                ));
             }
             for (mac, ip) in &d.fdb.set {
-                l2.push((RouteNetlinkMessage::NewNeighbour(Self::fdb_msg(o, *mac, *ip)), replace, "set fdb", format!("{mac} dst {ip}")));
+                l2.push((
+                    RouteNetlinkMessage::NewNeighbour(Self::fdb_msg(o, *mac, *ip)),
+                    replace,
+                    "set fdb",
+                    format!("{mac} dst {ip}"),
+                ));
             }
         }
         let mut l3: Vec<Op> = Vec::new();
         for (dst, r) in &d.routes.set {
             if let Some(m) = self.route_msg(*dst, Some(r), dev) {
-                l3.push((RouteNetlinkMessage::NewRoute(m), replace, "set route", dst.to_string()));
+                l3.push((
+                    RouteNetlinkMessage::NewRoute(m),
+                    replace,
+                    "set route",
+                    dst.to_string(),
+                ));
             }
         }
         for batch in [dels, l2, l3] {
@@ -512,7 +704,9 @@ impl Netlink {
                 if let Err(source) = r {
                     let e = NetlinkError { op, target, source };
                     // Deleting what is already gone is success.
-                    if op.starts_with("delete") && matches!(e.errno(), Some(libc::ENOENT) | Some(libc::ESRCH)) {
+                    if op.starts_with("delete")
+                        && matches!(e.errno(), Some(libc::ENOENT) | Some(libc::ESRCH))
+                    {
                         continue;
                     }
                     report.failed.push(e);
@@ -529,10 +723,11 @@ fn neigh_fields(n: &NeighbourMessage) -> (Option<IpAddr>, Option<Mac>) {
     for a in &n.attributes {
         match a {
             NeighbourAttribute::Destination(d) => ip = neigh_ip(d),
-            NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => mac = Some(Mac([b[0], b[1], b[2], b[3], b[4], b[5]])),
+            NeighbourAttribute::LinkLayerAddress(b) if b.len() == 6 => {
+                mac = Some(Mac([b[0], b[1], b[2], b[3], b[4], b[5]]))
+            }
             _ => {}
         }
     }
     (ip, mac)
 }
-

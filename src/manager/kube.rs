@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -79,11 +79,19 @@ impl kube::Resource for NodeLite {
 }
 
 /// The pod CIDRs of a node, per family.
-pub fn pod_cidrs(pod_cidr: Option<&str>, pod_cidrs: &[String]) -> Result<(Option<IpNetwork>, Option<IpNetwork>), String> {
+pub fn pod_cidrs(
+    pod_cidr: Option<&str>,
+    pod_cidrs: &[String],
+) -> Result<(Option<IpNetwork>, Option<IpNetwork>), String> {
     let mut v4 = None;
     let mut v6 = None;
-    for s in pod_cidr.into_iter().chain(pod_cidrs.iter().map(String::as_str)) {
-        let n: IpNetwork = s.parse().map_err(|_| format!("podCIDR {s:?} is not a CIDR"))?;
+    for s in pod_cidr
+        .into_iter()
+        .chain(pod_cidrs.iter().map(String::as_str))
+    {
+        let n: IpNetwork = s
+            .parse()
+            .map_err(|_| format!("podCIDR {s:?} is not a CIDR"))?;
         let slot = if n.is_ipv4() { &mut v4 } else { &mut v6 };
         if slot.is_none() {
             *slot = Some(n);
@@ -93,7 +101,12 @@ pub fn pod_cidrs(pod_cidr: Option<&str>, pod_cidrs: &[String]) -> Result<(Option
 }
 
 /// Reads a peer's lease from its annotations and podCIDRs (pure; hostile input safe).
-pub fn lease_from_node(prefix: &str, annotations: &BTreeMap<String, String>, pod_cidr: Option<&str>, pod_cidrs_list: &[String]) -> PeerRead {
+pub fn lease_from_node(
+    prefix: &str,
+    annotations: &BTreeMap<String, String>,
+    pod_cidr: Option<&str>,
+    pod_cidrs_list: &[String],
+) -> PeerRead {
     let get = |n: &str| annotations.get(&format!("{prefix}{n}")).map(String::as_str);
     if get(names::SUBNET_MANAGER) != Some("true") {
         return Ok(None);
@@ -103,19 +116,36 @@ pub fn lease_from_node(prefix: &str, annotations: &BTreeMap<String, String>, pod
     if v4.is_none() && v6.is_none() {
         return Err("no podCIDR".into());
     }
-    let mut lease = Lease { subnet: None, ipv6_subnet: None, public_ip: None, public_ipv6: None, backend: BackendData::HostGw, backend_v6: None };
-    if let Some(n) = v4.filter(|_| get(names::BACKEND_DATA).is_some() || get(names::PUBLIC_IP).is_some()) {
+    let mut lease = Lease {
+        subnet: None,
+        ipv6_subnet: None,
+        public_ip: None,
+        public_ipv6: None,
+        backend: BackendData::HostGw,
+        backend_v6: None,
+    };
+    if let Some(n) =
+        v4.filter(|_| get(names::BACKEND_DATA).is_some() || get(names::PUBLIC_IP).is_some())
+    {
         let data = get(names::BACKEND_DATA).ok_or("no backend-data annotation")?;
         lease.backend = BackendData::parse(ty, data)?;
         let ip = get(names::PUBLIC_IP).ok_or("no public-ip annotation")?;
-        lease.public_ip = Some(ip.parse::<Ipv4Addr>().map_err(|_| format!("public-ip {ip:?} is not an IPv4 address"))?);
+        lease.public_ip = Some(
+            ip.parse::<Ipv4Addr>()
+                .map_err(|_| format!("public-ip {ip:?} is not an IPv4 address"))?,
+        );
         lease.subnet = Some(n);
     }
-    if let Some(n) = v6.filter(|_| get(names::BACKEND_V6_DATA).is_some() || get(names::PUBLIC_IPV6).is_some()) {
+    if let Some(n) =
+        v6.filter(|_| get(names::BACKEND_V6_DATA).is_some() || get(names::PUBLIC_IPV6).is_some())
+    {
         let data = get(names::BACKEND_V6_DATA).ok_or("no backend-v6-data annotation")?;
         let d = BackendData::parse(ty, data)?;
         let ip = get(names::PUBLIC_IPV6).ok_or("no public-ipv6 annotation")?;
-        lease.public_ipv6 = Some(ip.parse::<Ipv6Addr>().map_err(|_| format!("public-ipv6 {ip:?} is not an IPv6 address"))?);
+        lease.public_ipv6 = Some(
+            ip.parse::<Ipv6Addr>()
+                .map_err(|_| format!("public-ipv6 {ip:?} is not an IPv6 address"))?,
+        );
         lease.ipv6_subnet = Some(n);
         if lease.subnet.is_none() {
             lease.backend = d;
@@ -150,19 +180,30 @@ pub struct KubeSettings {
 impl KubeManager {
     pub async fn new(s: KubeSettings, metrics: Arc<Metrics>) -> anyhow::Result<KubeManager> {
         let mut config = if !s.kubeconfig.is_empty() {
-            let kc = Kubeconfig::read_from(&s.kubeconfig).with_context(|| format!("reading kubeconfig {}", s.kubeconfig))?;
-            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.context("loading kubeconfig")?
+            let kc = Kubeconfig::read_from(&s.kubeconfig)
+                .with_context(|| format!("reading kubeconfig {}", s.kubeconfig))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .context("loading kubeconfig")?
         } else if !s.api_url.is_empty() {
-            Config::incluster().unwrap_or_else(|_| Config::new(s.api_url.parse().expect("checked below")))
+            Config::incluster()
+                .unwrap_or_else(|_| Config::new(s.api_url.parse().expect("checked below")))
         } else {
             Config::incluster().context("not in a pod: set --kubeconfig-file or --kube-api-url")?
         };
         if !s.api_url.is_empty() {
-            config.cluster_url = s.api_url.parse().with_context(|| format!("--kube-api-url {:?} is not a URL", s.api_url))?;
+            config.cluster_url = s
+                .api_url
+                .parse()
+                .with_context(|| format!("--kube-api-url {:?} is not a URL", s.api_url))?;
         }
         let client = Client::try_from(config).context("building the Kubernetes client")?;
         let node_name = node_name(&client).await?;
-        let queue_depth = std::env::var("EVENT_QUEUE_DEPTH").ok().and_then(|v| v.parse().ok()).filter(|v| *v > 0).unwrap_or(5000);
+        let queue_depth = std::env::var("EVENT_QUEUE_DEPTH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|v| *v > 0)
+            .unwrap_or(5000);
         Ok(KubeManager {
             client,
             node_name,
@@ -187,10 +228,18 @@ impl KubeManager {
     }
 
     /// The annotations this node must carry, given what it carries now.
-    fn wanted_annotations(&self, have: &BTreeMap<String, String>, conf: &NetConf, req: &LeaseRequest) -> (BTreeMap<String, String>, Option<Ipv4Addr>, Option<Ipv6Addr>) {
+    fn wanted_annotations(
+        &self,
+        have: &BTreeMap<String, String>,
+        conf: &NetConf,
+        req: &LeaseRequest,
+    ) -> (BTreeMap<String, String>, Option<Ipv4Addr>, Option<Ipv6Addr>) {
         let mut want = BTreeMap::new();
         want.insert(self.key(names::SUBNET_MANAGER), "true".to_string());
-        want.insert(self.key(names::BACKEND_TYPE), req.data.type_name().to_string());
+        want.insert(
+            self.key(names::BACKEND_TYPE),
+            req.data.type_name().to_string(),
+        );
         let mut pub4 = req.public_ip;
         let mut pub6 = req.public_ipv6;
         if conf.v4.is_some() {
@@ -198,7 +247,10 @@ impl KubeManager {
             if let Some(o) = have.get(&self.key(names::PUBLIC_IP_OVERWRITE)) {
                 match o.parse::<Ipv4Addr>() {
                     Ok(ip) => pub4 = Some(ip),
-                    Err(_) => tracing::warn!("ignoring {}: {o:?} is not an IPv4 address", self.key(names::PUBLIC_IP_OVERWRITE)),
+                    Err(_) => tracing::warn!(
+                        "ignoring {}: {o:?} is not an IPv4 address",
+                        self.key(names::PUBLIC_IP_OVERWRITE)
+                    ),
                 }
             }
             if let Some(ip) = pub4 {
@@ -206,11 +258,17 @@ impl KubeManager {
             }
         }
         if conf.v6.is_some() {
-            want.insert(self.key(names::BACKEND_V6_DATA), req.data_v6.unwrap_or(req.data).to_json());
+            want.insert(
+                self.key(names::BACKEND_V6_DATA),
+                req.data_v6.unwrap_or(req.data).to_json(),
+            );
             if let Some(o) = have.get(&self.key(names::PUBLIC_IPV6_OVERWRITE)) {
                 match o.parse::<Ipv6Addr>() {
                     Ok(ip) => pub6 = Some(ip),
-                    Err(_) => tracing::warn!("ignoring {}: {o:?} is not an IPv6 address", self.key(names::PUBLIC_IPV6_OVERWRITE)),
+                    Err(_) => tracing::warn!(
+                        "ignoring {}: {o:?} is not an IPv6 address",
+                        self.key(names::PUBLIC_IPV6_OVERWRITE)
+                    ),
                 }
             }
             if let Some(ip) = pub6 {
@@ -231,8 +289,14 @@ async fn node_name(client: &Client) -> anyhow::Result<String> {
     let (Ok(pod), Ok(ns)) = (std::env::var("POD_NAME"), std::env::var("POD_NAMESPACE")) else {
         bail!("set NODE_NAME, or POD_NAME and POD_NAMESPACE, so flanneld knows its node");
     };
-    let p: Pod = Api::namespaced(client.clone(), &ns).get(&pod).await.with_context(|| format!("getting pod {ns}/{pod}"))?;
-    p.spec.and_then(|s| s.node_name).filter(|n| !n.is_empty()).with_context(|| format!("pod {ns}/{pod} has no nodeName"))
+    let p: Pod = Api::namespaced(client.clone(), &ns)
+        .get(&pod)
+        .await
+        .with_context(|| format!("getting pod {ns}/{pod}"))?;
+    p.spec
+        .and_then(|s| s.node_name)
+        .filter(|n| !n.is_empty())
+        .with_context(|| format!("pod {ns}/{pod} has no nodeName"))
 }
 
 impl SubnetManager for KubeManager {
@@ -244,22 +308,31 @@ impl SubnetManager for KubeManager {
         let nodes: Api<Node> = Api::all(self.client.clone());
         let lite: Api<NodeLite> = Api::all(self.client.clone());
         // Wait for the podCIDR, event-driven (no polling).
-        let mut stream = watcher::watcher(lite, watcher::Config::default().fields(&format!("metadata.name={}", self.node_name)))
-            .default_backoff()
-            .applied_objects()
-            .boxed();
+        let mut stream = watcher::watcher(
+            lite,
+            watcher::Config::default().fields(&format!("metadata.name={}", self.node_name)),
+        )
+        .default_backoff()
+        .applied_objects()
+        .boxed();
         let mut told = false;
         let (v4, v6) = loop {
             match stream.try_next().await {
                 Ok(Some(n)) => {
                     let spec = n.spec.unwrap_or_default();
-                    let (v4, v6) = pod_cidrs(spec.pod_cidr.as_deref(), spec.pod_cidrs.as_deref().unwrap_or(&[]))
-                        .map_err(|e| anyhow::anyhow!("node {}: {e}", self.node_name))?;
+                    let (v4, v6) = pod_cidrs(
+                        spec.pod_cidr.as_deref(),
+                        spec.pod_cidrs.as_deref().unwrap_or(&[]),
+                    )
+                    .map_err(|e| anyhow::anyhow!("node {}: {e}", self.node_name))?;
                     if (conf.v4.is_none() || v4.is_some()) && (conf.v6.is_none() || v6.is_some()) {
                         break (v4, v6);
                     }
                     if !told {
-                        tracing::info!("waiting for node {} to be assigned a podCIDR", self.node_name);
+                        tracing::info!(
+                            "waiting for node {} to be assigned a podCIDR",
+                            self.node_name
+                        );
                         told = true;
                     }
                 }
@@ -276,20 +349,37 @@ impl SubnetManager for KubeManager {
         for (n, pool, fam) in [(v4, &conf.v4, "Network"), (v6, &conf.v6, "IPv6Network")] {
             if let (Some(n), Some(p)) = (n, pool) {
                 if !crate::subnet::is_proper_subnet(&p.network, &n) {
-                    bail!("node {}'s podCIDR {n} is not inside the {fam} {}", self.node_name, p.network);
+                    bail!(
+                        "node {}'s podCIDR {n} is not inside the {fam} {}",
+                        self.node_name,
+                        p.network
+                    );
                 }
             }
         }
-        let node = nodes.get(&self.node_name).await.with_context(|| format!("getting node {}", self.node_name))?;
+        let node = nodes
+            .get(&self.node_name)
+            .await
+            .with_context(|| format!("getting node {}", self.node_name))?;
         let have = node.metadata.annotations.clone().unwrap_or_default();
         let (want, pub4, pub6) = self.wanted_annotations(&have, conf, req);
-        let differ: BTreeMap<&String, &String> = want.iter().filter(|(k, v)| have.get(*k) != Some(*v)).collect();
+        let differ: BTreeMap<&String, &String> = want
+            .iter()
+            .filter(|(k, v)| have.get(*k) != Some(*v))
+            .collect();
         if differ.is_empty() {
-            tracing::info!("node {} already carries this lease's annotations", self.node_name);
+            tracing::info!(
+                "node {} already carries this lease's annotations",
+                self.node_name
+            );
         } else {
             let patch = serde_json::json!({ "metadata": { "annotations": differ } });
             nodes
-                .patch_status(&self.node_name, &PatchParams::default(), &Patch::Strategic(&patch))
+                .patch_status(
+                    &self.node_name,
+                    &PatchParams::default(),
+                    &Patch::Strategic(&patch),
+                )
                 .await
                 .with_context(|| format!("publishing annotations on node {}", self.node_name))?;
             tracing::info!("published lease annotations on node {}", self.node_name);
@@ -307,7 +397,9 @@ impl SubnetManager for KubeManager {
     async fn watch(&self, conf: &NetConf, tx: mpsc::Sender<LeaseEvent>) {
         let _ = conf;
         let api: Api<NodeLite> = Api::all(self.client.clone());
-        let mut stream = watcher::watcher(api, watcher::Config::default().page_size(500)).default_backoff().boxed();
+        let mut stream = watcher::watcher(api, watcher::Config::default().page_size(500))
+            .default_backoff()
+            .boxed();
         let mut init: Option<Vec<(String, PeerRead)>> = None;
         let read = |n: &NodeLite| -> (String, PeerRead) {
             let name = n.metadata.name.clone().unwrap_or_default();
@@ -359,13 +451,20 @@ impl SubnetManager for KubeManager {
             return Ok(());
         }
         let nodes: Api<Node> = Api::all(self.client.clone());
-        let node = nodes.get(&self.node_name).await.with_context(|| format!("getting node {}", self.node_name))?;
+        let node = nodes
+            .get(&self.node_name)
+            .await
+            .with_context(|| format!("getting node {}", self.node_name))?;
         let already = node
             .status
             .and_then(|s| s.conditions)
             .unwrap_or_default()
             .into_iter()
-            .any(|c| c.type_ == "NetworkUnavailable" && c.status == "False" && c.reason.as_deref() == Some("FlannelIsUp"));
+            .any(|c| {
+                c.type_ == "NetworkUnavailable"
+                    && c.status == "False"
+                    && c.reason.as_deref() == Some("FlannelIsUp")
+            });
         if already {
             return Ok(());
         }
@@ -379,25 +478,28 @@ impl SubnetManager for KubeManager {
             "lastHeartbeatTime": now,
         }]}});
         nodes
-            .patch_status(&self.node_name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .patch_status(
+                &self.node_name,
+                &PatchParams::default(),
+                &Patch::Strategic(&patch),
+            )
             .await
-            .with_context(|| format!("setting NetworkUnavailable=False on node {}", self.node_name))?;
-        tracing::info!("set NetworkUnavailable=False (FlannelIsUp) on node {}", self.node_name);
+            .with_context(|| {
+                format!(
+                    "setting NetworkUnavailable=False on node {}",
+                    self.node_name
+                )
+            })?;
+        tracing::info!(
+            "set NetworkUnavailable=False (FlannelIsUp) on node {}",
+            self.node_name
+        );
         Ok(())
     }
 
     async fn keep_alive(&self, _own: &Lease, _req: &LeaseRequest) {
         // The podCIDR lease never expires.
         std::future::pending::<()>().await
-    }
-}
-
-/// The address family of an IP, for messages.
-pub fn fam(ip: IpAddr) -> &'static str {
-    if ip.is_ipv4() {
-        "IPv4"
-    } else {
-        "IPv6"
     }
 }
 
@@ -408,7 +510,10 @@ mod tests {
     const P: &str = "flannel.alpha.coreos.com/";
 
     fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (format!("{P}{k}"), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (format!("{P}{k}"), v.to_string()))
+            .collect()
     }
 
     fn good() -> BTreeMap<String, String> {
@@ -422,15 +527,23 @@ mod tests {
 
     #[test]
     fn reads_a_running_flanneld_node() {
-        let l = lease_from_node(P, &good(), Some("10.244.2.0/24"), &[]).unwrap().unwrap();
+        let l = lease_from_node(P, &good(), Some("10.244.2.0/24"), &[])
+            .unwrap()
+            .unwrap();
         assert_eq!(l.subnet.unwrap().to_string(), "10.244.2.0/24");
         assert_eq!(l.public_ip.unwrap().to_string(), "198.18.0.12");
-        assert_eq!(l.backend.to_json(), r#"{"VNI":1,"VtepMAC":"82:cd:b6:82:3c:70"}"#);
+        assert_eq!(
+            l.backend.to_json(),
+            r#"{"VNI":1,"VtepMAC":"82:cd:b6:82:3c:70"}"#
+        );
     }
 
     #[test]
     fn non_flannel_nodes_are_not_peers() {
-        assert_eq!(lease_from_node(P, &BTreeMap::new(), Some("10.244.2.0/24"), &[]), Ok(None));
+        assert_eq!(
+            lease_from_node(P, &BTreeMap::new(), Some("10.244.2.0/24"), &[]),
+            Ok(None)
+        );
         let mut a = good();
         a.insert(format!("{P}kube-subnet-manager"), "false".into());
         assert_eq!(lease_from_node(P, &a, Some("10.244.2.0/24"), &[]), Ok(None));
@@ -449,7 +562,10 @@ mod tests {
         ] {
             let mut a = good();
             a.insert(format!("{P}{k}"), v.into());
-            assert!(lease_from_node(P, &a, Some("10.244.2.0/24"), &[]).is_err(), "{k}={v}");
+            assert!(
+                lease_from_node(P, &a, Some("10.244.2.0/24"), &[]).is_err(),
+                "{k}={v}"
+            );
         }
     }
 
@@ -466,7 +582,11 @@ mod tests {
 
     #[test]
     fn dual_stack_pod_cidrs() {
-        let (v4, v6) = pod_cidrs(Some("10.244.2.0/24"), &["10.244.2.0/24".into(), "fd00:10:244:2::/64".into()]).unwrap();
+        let (v4, v6) = pod_cidrs(
+            Some("10.244.2.0/24"),
+            &["10.244.2.0/24".into(), "fd00:10:244:2::/64".into()],
+        )
+        .unwrap();
         assert_eq!(v4.unwrap().to_string(), "10.244.2.0/24");
         assert_eq!(v6.unwrap().to_string(), "fd00:10:244:2::/64");
     }

@@ -40,10 +40,18 @@ pub trait SubnetManager: Send + Sync + 'static {
 
     /// Obtains this node's lease and publishes `req` with it. Waits (logging why)
     /// while no lease can be had yet.
-    fn acquire(&self, conf: &NetConf, req: &LeaseRequest) -> impl Future<Output = anyhow::Result<Lease>> + Send;
+    fn acquire(
+        &self,
+        conf: &NetConf,
+        req: &LeaseRequest,
+    ) -> impl Future<Output = anyhow::Result<Lease>> + Send;
 
     /// Streams peer leases into `tx` until `tx` closes. Reconnects by itself.
-    fn watch(&self, conf: &NetConf, tx: mpsc::Sender<LeaseEvent>) -> impl Future<Output = ()> + Send;
+    fn watch(
+        &self,
+        conf: &NetConf,
+        tx: mpsc::Sender<LeaseEvent>,
+    ) -> impl Future<Output = ()> + Send;
 
     /// Tells the world this node's dataplane is up (kube: NetworkUnavailable=False).
     fn complete(&self) -> impl Future<Output = anyhow::Result<()>> + Send;

@@ -24,7 +24,9 @@ pub fn root_or_skip(test: &str) -> bool {
     if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
         panic!("{test}: needs root, and CI runs as root");
     }
-    eprintln!("SKIP {test}: needs root (network namespaces); run the README's test command as root");
+    eprintln!(
+        "SKIP {test}: needs root (network namespaces); run the README's test command as root"
+    );
     false
 }
 
@@ -55,11 +57,19 @@ impl Lab {
         let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         // A leftover from a killed earlier run must not break this one.
         run(&["down", name], 60);
-        let lab = Lab { name: name.to_string(), dir: PathBuf::from("/tmp/flannel-lab").join(name), _serial: guard };
+        let lab = Lab {
+            name: name.to_string(),
+            dir: PathBuf::from("/tmp/flannel-lab").join(name),
+            _serial: guard,
+        };
         let mut a = vec!["up", name];
         a.extend_from_slice(args);
         let o = run(&a, 180);
-        assert!(o.status.success(), "lab up failed:\n{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "lab up failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         lab
     }
 
@@ -101,12 +111,16 @@ impl Lab {
     }
 
     pub fn add_pod(&self, node: u32, pod: &str) -> String {
-        self.sh("pod-add", &[&node.to_string(), pod]).trim().to_string()
+        self.sh("pod-add", &[&node.to_string(), pod])
+            .trim()
+            .to_string()
     }
 
     /// `count` pings at `interval` seconds; true if all answered.
     pub fn ping(&self, from_pod: &str, ip: &str, count: u32, interval: &str) -> bool {
-        self.try_sh("ping", &[from_pod, ip, &count.to_string(), interval]).status.success()
+        self.try_sh("ping", &[from_pod, ip, &count.to_string(), interval])
+            .status
+            .success()
     }
 
     /// Starts a long ping in the background (for loss counting).
@@ -115,7 +129,14 @@ impl Lab {
         Command::new("timeout")
             .args(["-k", "5", "300", "bash"])
             .arg(script)
-            .args(["ping", &self.name, from_pod, ip, &count.to_string(), interval])
+            .args([
+                "ping",
+                &self.name,
+                from_pod,
+                ip,
+                &count.to_string(),
+                interval,
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -139,13 +160,22 @@ impl Lab {
 
     /// Lines of `ip route` / `ip neigh` / `bridge fdb` on flannel.1 in node `n`.
     pub fn routes(&self, node: u32) -> Vec<String> {
-        lines(&self.exec(&format!("n{node}"), &["ip", "route", "show", "dev", "flannel.1"]))
+        lines(&self.exec(
+            &format!("n{node}"),
+            &["ip", "route", "show", "dev", "flannel.1"],
+        ))
     }
     pub fn neighs(&self, node: u32) -> Vec<String> {
-        lines(&self.exec(&format!("n{node}"), &["ip", "neigh", "show", "dev", "flannel.1"]))
+        lines(&self.exec(
+            &format!("n{node}"),
+            &["ip", "neigh", "show", "dev", "flannel.1"],
+        ))
     }
     pub fn fdb(&self, node: u32) -> Vec<String> {
-        lines(&self.exec(&format!("n{node}"), &["bridge", "fdb", "show", "dev", "flannel.1"]))
+        lines(&self.exec(
+            &format!("n{node}"),
+            &["bridge", "fdb", "show", "dev", "flannel.1"],
+        ))
     }
 }
 
@@ -156,19 +186,30 @@ impl Drop for Lab {
                 let log = self.flannel_log(n);
                 if !log.is_empty() {
                     let tail: Vec<&str> = log.lines().rev().take(30).collect();
-                    eprintln!("--- flanneld log node{n} (last lines, newest first):\n{}", tail.join("\n"));
+                    eprintln!(
+                        "--- flanneld log node{n} (last lines, newest first):\n{}",
+                        tail.join("\n")
+                    );
                 }
             }
         }
         let o = run(&["down", &self.name], 60);
         if !o.status.success() {
-            eprintln!("lab down {} failed: {}", self.name, String::from_utf8_lossy(&o.stderr));
+            eprintln!(
+                "lab down {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
     }
 }
 
 pub fn lines(s: &str) -> Vec<String> {
-    let mut v: Vec<String> = s.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    let mut v: Vec<String> = s
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect();
     v.sort();
     v
 }
@@ -188,6 +229,9 @@ pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
 /// Parses ping's summary: (transmitted, received).
 pub fn ping_counts(out: &str) -> Option<(u32, u32)> {
     let line = out.lines().find(|l| l.contains("packets transmitted"))?;
-    let mut nums = line.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse::<u32>().ok());
+    let mut nums = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<u32>().ok());
     Some((nums.next()??, nums.next()??))
 }
