@@ -22,6 +22,8 @@
 #   kubectl <lab> [args...]              as cluster admin
 #   etcdctl <lab> [args...]
 #   exec <lab> <netns-suffix> <cmd...>   run a command in one of the lab's namespaces
+#   etcd-restart <lab>                   stop etcd (TERM) and start it again on the same data
+#   etcd-tls <lab>                       a second etcd on :2381 requiring client certificates
 #   down <lab>
 set -euo pipefail
 
@@ -147,9 +149,7 @@ attach() { # attach <ns-suffix> <port-name> <ip/len> [gw]
   [ -z "$gw" ] || ip -n "$(ns "$n")" route add default via "$gw"
 }
 
-up_control_plane() {
-  make_certs
-  attach cp cp "$CP_IP/16"
+start_etcd() {
   mkdir -p "$DIR/etcd"
   start_bg etcd cp etcd --name lab --data-dir "$DIR/etcd" \
     --listen-client-urls "http://127.0.0.1:2379,http://$CP_IP:2379" \
@@ -157,6 +157,34 @@ up_control_plane() {
     --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
     --initial-cluster lab=http://127.0.0.1:2380
   wait_for 30 etcd in_ns cp etcdctl --endpoints http://127.0.0.1:2379 endpoint health
+}
+
+etcd_tls() {
+  local d=$DIR/pki
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=etcd" -keyout "$d/etcd.key" -out "$d/etcd.csr" 2>/dev/null
+  printf 'subjectAltName=IP:%s,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n' "$CP_IP" >"$d/etcd.cnf"
+  openssl x509 -req -in "$d/etcd.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
+    -extfile "$d/etcd.cnf" -out "$d/etcd.crt" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=flanneld" -keyout "$d/client.key" -out "$d/client.csr" 2>/dev/null
+  printf 'extendedKeyUsage=clientAuth\n' >"$d/client.cnf"
+  openssl x509 -req -in "$d/client.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
+    -extfile "$d/client.cnf" -out "$d/client.crt" 2>/dev/null
+  mkdir -p "$DIR/etcd-tls"
+  start_bg etcd-tls cp etcd --name tls --data-dir "$DIR/etcd-tls" \
+    --listen-client-urls "https://$CP_IP:2381" --advertise-client-urls "https://$CP_IP:2381" \
+    --listen-peer-urls http://127.0.0.1:2382 --initial-advertise-peer-urls http://127.0.0.1:2382 \
+    --initial-cluster tls=http://127.0.0.1:2382 \
+    --cert-file "$d/etcd.crt" --key-file "$d/etcd.key" --trusted-ca-file "$d/ca.crt" --client-cert-auth
+  local tlsctl=(etcdctl --endpoints "https://$CP_IP:2381" --cacert "$d/ca.crt" --cert "$d/client.crt" --key "$d/client.key")
+  wait_for 30 "etcd with TLS" in_ns cp "${tlsctl[@]}" endpoint health
+  in_ns cp "${tlsctl[@]}" put /coreos.com/network/config "$(cat "$DIR/net-conf.json")" >/dev/null
+  echo "$d"
+}
+
+up_control_plane() {
+  make_certs
+  attach cp cp "$CP_IP/16"
+  start_etcd
   [ "${MODE:-kube}" = kube ] || return 0
   [ -x "$KUBE_APISERVER" ] || die "$KUBE_APISERVER missing: run scripts/install-deps.sh"
   start_bg apiserver cp "$KUBE_APISERVER" \
@@ -312,6 +340,8 @@ case $cmd in
   kubectl) kubectl_ "$@";;
   etcdctl) in_ns cp etcdctl --endpoints http://127.0.0.1:2379 "$@";;
   exec) n=$1; shift; in_ns "$n" "$@";;
+  etcd-restart) stop_pid "$DIR/etcd.pid" TERM; start_etcd;;
+  etcd-tls) etcd_tls;;
   down) cmd_down;;
   *) die "unknown command $cmd";;
 esac

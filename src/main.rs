@@ -9,7 +9,9 @@ use flannel::backend::Any;
 use flannel::config::flags::{Flags, FlagsError};
 use flannel::config::netconf::NetConf;
 use flannel::daemon::Agent;
+use flannel::manager::etcd::{EtcdManager, EtcdSettings};
 use flannel::manager::kube::{KubeManager, KubeSettings};
+use flannel::manager::SubnetManager;
 use flannel::metrics::Metrics;
 
 fn init_logging(flags: &Flags) {
@@ -85,57 +87,51 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         .annotation_prefix()
         .map_err(|e| anyhow::anyhow!("--kube-annotation-prefix: {e}"))?;
     let metrics = Arc::new(Metrics::default());
-    if !flags.kube_subnet_mgr {
-        anyhow::bail!("the etcd subnet manager is not available in this build yet; run with --kube-subnet-mgr");
-    }
-    // Validate the configuration before touching the API or the network.
-    let conf = NetConf::from_file(&flags.net_config_path)?;
+    // In kube mode the configuration is a file: validate it before touching the API or the network.
+    let file_conf = if flags.kube_subnet_mgr {
+        Some(NetConf::from_file(&flags.net_config_path)?)
+    } else {
+        None
+    };
     if flags.healthz_port != 0 {
         let addr = std::net::SocketAddr::new(flags.healthz_ip, flags.healthz_port);
-        let m = metrics.clone();
-        let listener = flannel::health::serve(addr, m);
+        let listener = flannel::health::serve(addr, metrics.clone());
         tokio::spawn(async move {
             if let Err(e) = listener.await {
                 tracing::error!("{e:#}");
             }
         });
     }
-    let settings = KubeSettings {
-        kubeconfig: flags.kubeconfig_file.clone(),
-        api_url: flags.kube_api_url.clone(),
-        prefix,
-        net_config_path: flags.net_config_path.clone(),
-        set_unavailable: flags.set_node_network_unavailable,
-    };
     let agent = async {
-        let manager = Arc::new(KubeManager::new(settings, metrics.clone()).await?);
-        tracing::info!("kube subnet manager for node {}", manager.node_name());
-        let queue_depth = manager.queue_depth();
-        match Any::from_conf(&conf) {
-            Any::Vxlan(b) => {
-                Agent {
-                    flags: flags.clone(),
-                    conf: conf.clone(),
-                    manager,
-                    backend: b,
-                    metrics: metrics.clone(),
-                    queue_depth,
-                }
-                .run()
-                .await
-            }
-            Any::HostGw(b) => {
-                Agent {
-                    flags: flags.clone(),
-                    conf: conf.clone(),
-                    manager,
-                    backend: b,
-                    metrics: metrics.clone(),
-                    queue_depth,
-                }
-                .run()
-                .await
-            }
+        if let Some(conf) = file_conf {
+            let settings = KubeSettings {
+                kubeconfig: flags.kubeconfig_file.clone(),
+                api_url: flags.kube_api_url.clone(),
+                prefix,
+                net_config_path: flags.net_config_path.clone(),
+                set_unavailable: flags.set_node_network_unavailable,
+            };
+            let manager = Arc::new(KubeManager::new(settings, metrics.clone()).await?);
+            tracing::info!("kube subnet manager for node {}", manager.node_name());
+            let depth = manager.queue_depth();
+            run_agent(&flags, conf, manager, &metrics, depth).await
+        } else {
+            let settings = EtcdSettings {
+                endpoints: flags.etcd_endpoint_list(),
+                prefix: flags.etcd_prefix.clone(),
+                keyfile: flags.etcd_keyfile.clone(),
+                certfile: flags.etcd_certfile.clone(),
+                cafile: flags.etcd_cafile.clone(),
+                username: flags.etcd_username.clone(),
+                password: flags.etcd_password.clone(),
+                subnet_file: flags.subnet_file.clone(),
+                renew_margin: std::time::Duration::from_secs(
+                    60 * flags.subnet_lease_renew_margin as u64,
+                ),
+            };
+            let manager = Arc::new(EtcdManager::new(settings, metrics.clone()).await?);
+            let conf = manager.network_config().await?;
+            run_agent(&flags, conf, manager, &metrics, 5000).await
         }
     };
     tokio::select! {
@@ -143,6 +139,43 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         s = shutdown_signal() => {
             tracing::info!("{}: exiting, leaving the dataplane in place", s?);
             Ok(())
+        }
+    }
+}
+
+async fn run_agent<M: SubnetManager>(
+    flags: &Flags,
+    conf: NetConf,
+    manager: Arc<M>,
+    metrics: &Arc<Metrics>,
+    queue_depth: usize,
+) -> anyhow::Result<()> {
+    let flags = flags.clone();
+    let metrics = metrics.clone();
+    match Any::from_conf(&conf) {
+        Any::Vxlan(backend) => {
+            Agent {
+                flags,
+                conf,
+                manager,
+                backend,
+                metrics,
+                queue_depth,
+            }
+            .run()
+            .await
+        }
+        Any::HostGw(backend) => {
+            Agent {
+                flags,
+                conf,
+                manager,
+                backend,
+                metrics,
+                queue_depth,
+            }
+            .run()
+            .await
         }
     }
 }

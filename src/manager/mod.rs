@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use crate::config::netconf::NetConf;
 use crate::lease::{BackendData, Lease};
 
+pub mod etcd;
 pub mod kube;
 
 /// What this node asks for: how peers reach it, and its backend's data.
