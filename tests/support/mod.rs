@@ -235,3 +235,26 @@ pub fn ping_counts(out: &str) -> Option<(u32, u32)> {
         .map(|s| s.parse::<u32>().ok());
     Some((nums.next()??, nums.next()??))
 }
+
+impl Lab {
+    /// Creates a Node object as a (possibly hostile) flanneld would have left it.
+    pub fn fake_node(&self, name: &str, pod_cidr: &str, annotations: &[(&str, &str)]) {
+        let ann: serde_json::Map<String, serde_json::Value> = annotations
+            .iter()
+            .map(|(k, v)| {
+                (
+                    format!("flannel.alpha.coreos.com/{k}"),
+                    serde_json::Value::String(v.to_string()),
+                )
+            })
+            .collect();
+        let node = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": { "name": name, "annotations": ann },
+            "spec": { "podCIDR": pod_cidr, "podCIDRs": [pod_cidr] },
+        });
+        let path = self.dir.join(format!("{name}.json"));
+        std::fs::write(&path, node.to_string()).unwrap();
+        self.kubectl(&["create", "-f", path.to_str().unwrap()]);
+    }
+}
