@@ -13,7 +13,7 @@ trap 'bash scripts/lab.sh down $LAB' EXIT
 trap 'exit 130' INT TERM
 bash scripts/lab.sh down $LAB 2>/dev/null || true
 bash scripts/lab.sh up $LAB --nodes 3
-for i in 1 2 3; do bash scripts/lab.sh flannel-start $LAB $i >/dev/null; done
+for i in 1 2 3; do bash scripts/lab.sh flannel-start $LAB $i --ip-masq >/dev/null; done
 declare -A ip
 for i in 1 2 3; do ip[$i]=$(bash scripts/lab.sh pod-add $LAB $i pod$i); echo "pod$i on node$i: ${ip[$i]}"; done
 echo

@@ -23,6 +23,7 @@ use crate::config::flags::Flags;
 use crate::config::netconf::NetConf;
 use crate::dataplane::model::{diff, Observed, State};
 use crate::dataplane::netlink::{Netlink, Scope};
+use crate::firewall::{self, iptables::Iptables, nftables::Nftables, Wanted};
 use crate::iface::{self, ExternalInterface};
 use crate::lease::{Lease, Outcome, PeerSet};
 use crate::manager::{LeaseEvent, LeaseRequest, PeerRead, SubnetManager};
@@ -291,6 +292,24 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
         };
         env.write(&flags.subnet_file)?;
         tracing::info!("wrote {}", flags.subnet_file.display());
+        if let (Some(pool), Some(lease)) = (&conf.v4, own.subnet) {
+            if flags.ip_masq || flags.iptables_forward_rules {
+                let want = Wanted::new(
+                    pool.network,
+                    lease,
+                    flags.ip_masq,
+                    flags.iptables_forward_rules,
+                );
+                let resync = Duration::from_secs(flags.iptables_resync);
+                let m = metrics.clone();
+                if conf.enable_nftables {
+                    tokio::spawn(firewall::keep(Nftables::new(), want, resync, m));
+                } else {
+                    let fw = Iptables::new().await;
+                    tokio::spawn(firewall::keep(fw, want, resync, m));
+                }
+            }
+        }
 
         let (tx, mut rx) = mpsc::channel(queue_depth.max(16));
         {

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod firewall;
 pub mod health;
 pub mod iface;
 pub mod lease;

@@ -258,3 +258,33 @@ impl Lab {
         self.kubectl(&["create", "-f", path.to_str().unwrap()]);
     }
 }
+
+impl Lab {
+    /// Receives one UDP datagram on `port` inside the lab namespace `ns` (e.g. `cp`,
+    /// `n2-p2`) while `send` runs, and returns the sender's address as seen there.
+    pub fn udp_source(&self, ns: &str, port: u16, send: impl FnOnce()) -> Option<std::net::IpAddr> {
+        let path = format!("/run/netns/fl{}-{ns}", self.name);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || -> Option<std::net::IpAddr> {
+            // Only this thread enters the namespace; the socket stays bound there.
+            let f = std::fs::File::open(&path).ok()?;
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+            let sock = std::net::UdpSocket::bind(("0.0.0.0", port)).ok()?;
+            sock.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+            ready_tx.send(()).ok()?;
+            let mut buf = [0u8; 64];
+            sock.recv_from(&mut buf).ok().map(|(_, a)| a.ip())
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).ok()?;
+        send();
+        t.join().ok().flatten()
+    }
+
+    /// Sends one UDP datagram from the lab namespace `ns` to `ip:port`.
+    pub fn udp_send(&self, ns: &str, ip: &str, port: u16) {
+        self.exec(
+            ns,
+            &["bash", "-c", &format!("echo hello > /dev/udp/{ip}/{port}")],
+        );
+    }
+}

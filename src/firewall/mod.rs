@@ -1,0 +1,168 @@
+//! Masquerade (`--ip-masq`) and forward (`--iptables-forward-rules`) rules.
+//!
+//! [`rules`] says, as plain data, which rules upstream flanneld v0.20.2 installs
+//! for a network and lease; a [`Firewall`] driver (iptables or nftables) makes
+//! the kernel hold them and re-checks every `--iptables-resync` seconds.
+
+use std::future::Future;
+use std::time::Duration;
+
+use ipnetwork::IpNetwork;
+
+pub mod iptables;
+pub mod nftables;
+
+pub const MASQ_COMMENT: &str = "flanneld masq";
+pub const FWD_COMMENT: &str = "flanneld forward";
+/// kube-proxy's masquerade mark: such traffic is left to kube-proxy.
+pub const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
+
+/// What to match and do, independent of the tool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Return,
+    Masquerade,
+    Accept,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub mark: bool,
+    pub src: Option<(bool, IpNetwork)>,
+    pub dst: Option<(bool, IpNetwork)>,
+    pub action: Action,
+}
+
+impl Rule {
+    fn new(src: Option<(bool, IpNetwork)>, dst: Option<(bool, IpNetwork)>, action: Action) -> Rule {
+        Rule {
+            mark: false,
+            src,
+            dst,
+            action,
+        }
+    }
+}
+
+/// Upstream's FLANNEL-POSTRTG rules, in order (`negated`, `net`).
+pub fn masq_rules(network: IpNetwork, lease: IpNetwork) -> Vec<Rule> {
+    let multicast: IpNetwork = if network.is_ipv4() {
+        "224.0.0.0/4".parse().unwrap()
+    } else {
+        "ff00::/8".parse().unwrap()
+    };
+    vec![
+        Rule {
+            mark: true,
+            src: None,
+            dst: None,
+            action: Action::Return,
+        },
+        Rule::new(
+            Some((false, network)),
+            Some((false, network)),
+            Action::Return,
+        ),
+        Rule::new(
+            Some((false, network)),
+            Some((true, multicast)),
+            Action::Masquerade,
+        ),
+        Rule::new(Some((true, network)), Some((false, lease)), Action::Return),
+        Rule::new(
+            Some((true, network)),
+            Some((false, network)),
+            Action::Masquerade,
+        ),
+    ]
+}
+
+/// Upstream's FLANNEL-FWD rules.
+pub fn forward_rules(network: IpNetwork) -> Vec<Rule> {
+    vec![
+        Rule::new(Some((false, network)), None, Action::Accept),
+        Rule::new(None, Some((false, network)), Action::Accept),
+    ]
+}
+
+/// The rules wanted for one address family.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    pub v6: bool,
+    pub masq: Vec<Rule>,
+    pub forward: Vec<Rule>,
+}
+
+impl Wanted {
+    pub fn new(network: IpNetwork, lease: IpNetwork, ip_masq: bool, forward: bool) -> Wanted {
+        Wanted {
+            v6: network.is_ipv6(),
+            masq: if ip_masq {
+                masq_rules(network, lease)
+            } else {
+                vec![]
+            },
+            forward: if forward {
+                forward_rules(network)
+            } else {
+                vec![]
+            },
+        }
+    }
+}
+
+/// A firewall driver. `ensure` is idempotent: it returns true if it had to change anything.
+pub trait Firewall: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn ensure(&mut self, want: &Wanted) -> impl Future<Output = anyhow::Result<bool>> + Send;
+}
+
+/// Keeps `want` in place: now, then every `resync`.
+pub async fn keep<F: Firewall>(
+    mut fw: F,
+    want: Wanted,
+    resync: Duration,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) {
+    let mut first = true;
+    let mut tick = tokio::time::interval(resync);
+    loop {
+        tick.tick().await;
+        match fw.ensure(&want).await {
+            Ok(true) if first => tracing::info!("{} rules installed", fw.name()),
+            Ok(true) => tracing::warn!("{} rules were missing or changed; restored", fw.name()),
+            Ok(false) => {}
+            Err(e) => {
+                metrics.netlink_errors.inc();
+                tracing::error!("{} rules: {e:#}", fw.name());
+            }
+        }
+        first = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_rule_order() {
+        let r = masq_rules(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.1.0/24".parse().unwrap(),
+        );
+        assert_eq!(r.len(), 5);
+        assert!(r[0].mark);
+        assert_eq!(r[2].action, Action::Masquerade);
+        assert_eq!(r[3].dst.unwrap().1.to_string(), "10.244.1.0/24");
+        assert_eq!(r[3].src, Some((true, "10.244.0.0/16".parse().unwrap())));
+        let w = Wanted::new(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.1.0/24".parse().unwrap(),
+            false,
+            true,
+        );
+        assert!(w.masq.is_empty());
+        assert_eq!(w.forward.len(), 2);
+    }
+}
