@@ -9,6 +9,32 @@ use super::{Action, Firewall, Rule, Wanted, FWD_COMMENT, KUBE_PROXY_MARK, MASQ_C
 pub const MASQ_CHAIN: &str = "FLANNEL-POSTRTG";
 pub const FWD_CHAIN: &str = "FLANNEL-FWD";
 
+/// Where a rule set lives and how it is hooked in.
+#[derive(Clone, Copy)]
+struct Chain {
+    table: &'static str,
+    parent: &'static str,
+    chain: &'static str,
+    comment: &'static str,
+    /// Insert the jump first in the parent (masquerade) or append it (forward).
+    insert: bool,
+}
+
+const MASQ: Chain = Chain {
+    table: "nat",
+    parent: "POSTROUTING",
+    chain: MASQ_CHAIN,
+    comment: MASQ_COMMENT,
+    insert: true,
+};
+const FWD: Chain = Chain {
+    table: "filter",
+    parent: "FORWARD",
+    chain: FWD_CHAIN,
+    comment: FWD_COMMENT,
+    insert: false,
+};
+
 pub struct Iptables {
     random_fully: bool,
     /// `-S <chain>` output right after our last write, per chain: a cheap
@@ -86,17 +112,15 @@ impl Iptables {
         }
     }
 
-    /// Makes `chain` in `table` hold exactly `rules`, jumped to from `parent`.
-    async fn ensure_chain(
-        &mut self,
-        bin: &str,
-        table: &str,
-        parent: &str,
-        chain: &'static str,
-        comment: &str,
-        insert: bool,
-        rules: &[Rule],
-    ) -> anyhow::Result<bool> {
+    /// Makes `c.chain` hold exactly `rules`, jumped to from `c.parent`.
+    async fn ensure_chain(&mut self, bin: &str, c: &Chain, rules: &[Rule]) -> anyhow::Result<bool> {
+        let Chain {
+            table,
+            parent,
+            chain,
+            comment,
+            insert,
+        } = *c;
         let jump = s(&["-m", "comment", "--comment", comment, "-j", chain]);
         if rules.is_empty() {
             // Not wanted (any more): remove what an earlier run left.
@@ -173,28 +197,8 @@ impl Firewall for Iptables {
 
     async fn ensure(&mut self, want: &Wanted) -> anyhow::Result<bool> {
         let bin = if want.v6 { "ip6tables" } else { "iptables" };
-        let a = self
-            .ensure_chain(
-                bin,
-                "nat",
-                "POSTROUTING",
-                MASQ_CHAIN,
-                MASQ_COMMENT,
-                true,
-                &want.masq,
-            )
-            .await?;
-        let b = self
-            .ensure_chain(
-                bin,
-                "filter",
-                "FORWARD",
-                FWD_CHAIN,
-                FWD_COMMENT,
-                false,
-                &want.forward,
-            )
-            .await?;
+        let a = self.ensure_chain(bin, &MASQ, &want.masq).await?;
+        let b = self.ensure_chain(bin, &FWD, &want.forward).await?;
         Ok(a || b)
     }
 }
