@@ -22,6 +22,7 @@
 #   kubectl <lab> [args...]              as cluster admin
 #   etcdctl <lab> [args...]
 #   exec <lab> <netns-suffix> <cmd...>   run a command in one of the lab's namespaces
+#   signal <lab> <etcd|apiserver> <SIG>  e.g. STOP/CONT to freeze and thaw the control plane
 #   etcd-restart <lab>                   stop etcd (TERM) and start it again on the same data
 #   etcd-tls <lab>                       a second etcd on :2381 requiring client certificates
 #   down <lab>
@@ -341,6 +342,7 @@ case $cmd in
   etcdctl) in_ns cp etcdctl --endpoints http://127.0.0.1:2379 "$@";;
   exec) n=$1; shift; in_ns "$n" "$@";;
   etcd-restart) stop_pid "$DIR/etcd.pid" TERM; start_etcd;;
+  signal) [[ "$1" =~ ^(etcd|apiserver)$ ]] || die "signal: etcd or apiserver"; kill -s "$2" "$(cat "$DIR/$1.pid")";;
   etcd-tls) etcd_tls;;
   down) cmd_down;;
   *) die "unknown command $cmd";;

@@ -139,6 +139,8 @@ pub enum Refusal {
     Invalid(String),
     #[error("subnet {subnet} overlaps {with}")]
     Conflict { subnet: IpNetwork, with: String },
+    #[error("{0}")]
+    Duplicate(String),
 }
 
 /// Checks one family's subnet of a peer against the network.
@@ -184,6 +186,16 @@ impl Lease {
         }
         if self.subnet.is_none() && self.ipv6_subnet.is_none() {
             return Err(Refusal::Invalid("no subnet".into()));
+        }
+        if let (BackendData::Vxlan(mine), BackendData::Vxlan(theirs)) =
+            (&own.backend, &self.backend)
+        {
+            if mine.vtep_mac == theirs.vtep_mac {
+                return Err(Refusal::Duplicate(format!(
+                    "VtepMAC {} is this node's own",
+                    theirs.vtep_mac
+                )));
+            }
         }
         if let Some(n) = &self.subnet {
             check_subnet(n, conf.v4.as_ref(), own.subnet.as_ref())?;
@@ -257,6 +269,15 @@ impl PeerSet {
         for (other, l) in &self.accepted {
             if other == name {
                 continue;
+            }
+            // One VTEP MAC, one FDB entry: a second claimant would steal the first's traffic.
+            if let (BackendData::Vxlan(a), BackendData::Vxlan(b)) = (&lease.backend, &l.backend) {
+                if a.vtep_mac == b.vtep_mac {
+                    return Some(Refusal::Duplicate(format!(
+                        "VtepMAC {} is already used by peer {other}",
+                        a.vtep_mac
+                    )));
+                }
             }
             for (mine, theirs) in [
                 (&lease.subnet, &l.subnet),
@@ -407,6 +428,7 @@ mod tests {
             lease("10.244.2.5/24", "198.18.0.12", "52:82:d5:a1:90:4e"),
             lease("10.244.2.0/24", "0.0.0.0", "52:82:d5:a1:90:4e"),
             lease("10.244.2.0/24", "224.0.0.1", "52:82:d5:a1:90:4e"),
+            lease("10.244.2.0/24", "198.18.0.12", "52:82:d5:a1:90:4d"),
             Lease {
                 backend: BackendData::HostGw,
                 ..good.clone()
@@ -455,6 +477,27 @@ mod tests {
         let out = set.remove("n2", &c, &o);
         assert!(out.changed);
         assert!(set.accepted().contains_key("evil"));
+        assert_eq!(set.len(), 1);
+    }
+
+    #[test]
+    fn a_duplicate_vtep_mac_is_refused() {
+        let (c, o) = (conf(), own());
+        let mut set = PeerSet::default();
+        set.upsert(
+            "n2",
+            lease("10.244.2.0/24", "198.18.0.12", "52:00:00:00:00:02"),
+            &c,
+            &o,
+        );
+        let out = set.upsert(
+            "copy",
+            lease("10.244.3.0/24", "198.18.0.13", "52:00:00:00:00:02"),
+            &c,
+            &o,
+        );
+        assert!(!out.changed);
+        assert!(matches!(out.refused[0].1, Refusal::Duplicate(_)));
         assert_eq!(set.len(), 1);
     }
 

@@ -171,26 +171,13 @@ impl Backend for Vxlan {
         ext: &ExternalInterface,
         own: &Lease,
     ) -> anyhow::Result<bool> {
-        let spec = self.spec.clone().unwrap_or_else(|| self.spec(ext));
-        let (mut link, created) = self.ensure_device(nl, &spec).await?;
-        if created {
-            // A re-created device has a new MAC unless we give it the old one back:
-            // peers still hold the old one in their neighbour tables.
-            if let Some(old) = self.link.as_ref().and_then(|l| l.mac) {
-                if link.mac != Some(old) {
-                    nl.delete_link(link.index).await?;
-                    nl.create_vxlan(&VxlanSpec {
-                        mac: Some(old),
-                        ..spec.clone()
-                    })
-                    .await?;
-                    link = nl
-                        .link_by_name(&spec.name)
-                        .await?
-                        .context("device vanished after re-creation")?;
-                }
-            }
+        let mut spec = self.spec.clone().unwrap_or_else(|| self.spec(ext));
+        // If the device has to be re-created (someone deleted it), it gets its old
+        // MAC back: every peer holds that MAC in its neighbour and FDB tables.
+        if let Some(mac) = self.link.as_ref().and_then(|l| l.mac) {
+            spec.mac = Some(mac);
         }
+        let (mut link, created) = self.ensure_device(nl, &spec).await?;
         if let Some(mtu) = self.conf.mtu {
             if link.mtu != mtu {
                 nl.set_mtu(link.index, mtu).await?;

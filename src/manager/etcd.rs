@@ -224,7 +224,7 @@ impl EtcdManager {
         format!("{}/subnets/", self.s.prefix.trim_end_matches('/'))
     }
 
-    /// All subnet keys with their lease ids, and the revision of the read.
+    /// All subnet keys with their lease ids, oldest first, and the revision of the read.
     async fn read_all(&self) -> anyhow::Result<(Vec<(String, Vec<u8>, i64)>, i64)> {
         let mut c = self.client.clone();
         let r = c

@@ -400,7 +400,8 @@ impl SubnetManager for KubeManager {
         let mut stream = watcher::watcher(api, watcher::Config::default().page_size(500))
             .default_backoff()
             .boxed();
-        let mut init: Option<Vec<(String, PeerRead)>> = None;
+        // Initial/re-list items with their creation time: on a subnet conflict the older Node wins.
+        let mut init: Option<Vec<(String, String, PeerRead)>> = None;
         let read = |n: &NodeLite| -> (String, PeerRead) {
             let name = n.metadata.name.clone().unwrap_or_default();
             let empty = BTreeMap::new();
@@ -419,11 +420,24 @@ impl SubnetManager for KubeManager {
                 Ok(Event::InitApply(n)) => {
                     let (name, lease) = read(&n);
                     if name != self.node_name {
-                        init.get_or_insert_with(Vec::new).push((name, lease));
+                        let created = n
+                            .metadata
+                            .creation_timestamp
+                            .as_ref()
+                            .map(|t| t.0.to_string())
+                            .unwrap_or_default();
+                        init.get_or_insert_with(Vec::new)
+                            .push((created, name, lease));
                     }
                     None
                 }
-                Ok(Event::InitDone) => Some(LeaseEvent::Snapshot(init.take().unwrap_or_default())),
+                Ok(Event::InitDone) => {
+                    let mut items = init.take().unwrap_or_default();
+                    items.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+                    Some(LeaseEvent::Snapshot(
+                        items.into_iter().map(|(_, n, l)| (n, l)).collect(),
+                    ))
+                }
                 Ok(Event::Apply(n)) => {
                     let (name, lease) = read(&n);
                     (name != self.node_name).then_some(LeaseEvent::Upsert(name, lease))
