@@ -130,7 +130,8 @@ fn hostile_nodes_never_hurt_good_ones() {
             ("public-ip".into(), ip.into()),
         ]
     };
-    let hostile: Vec<(&str, &str, Vec<(String, String)>)> = vec![
+    type Fake<'a> = (&'a str, &'a str, Vec<(String, String)>);
+    let hostile: Vec<Fake> = vec![
         (
             "h-outside",
             "10.99.0.0/24",
