@@ -1,0 +1,239 @@
+//! Deployment artefacts: the DaemonSet manifest under the lab's API server, the
+//! systemd unit, the container image, and docs that agree with --help.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use support::*;
+
+fn help_flags() -> BTreeSet<String> {
+    let o = Command::new(env!("CARGO_BIN_EXE_flanneld"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&o.stdout).into_owned();
+    help.split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| {
+            w.trim_end_matches(',')
+                .split(['[', '=', '<'])
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .filter(|w| w != "--help")
+        .collect()
+}
+
+#[test]
+fn configuration_docs_agree_with_help() {
+    let doc = std::fs::read_to_string(top().join("docs/configuration.md")).unwrap();
+    let documented: BTreeSet<String> = doc
+        .lines()
+        .filter(|l| l.starts_with("| `-"))
+        .flat_map(|l| {
+            l.split('`')
+                .filter(|p| p.starts_with("--"))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let help = help_flags();
+    assert!(help.len() >= 30, "{help:?}");
+    assert_eq!(
+        documented, help,
+        "docs/configuration.md and --help disagree"
+    );
+    let readme = std::fs::read_to_string(top().join("README.md")).unwrap();
+    for f in &help {
+        assert!(readme.contains(f.as_str()), "README misses {f}");
+    }
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    let unit = std::fs::read_to_string(top().join("deploy/flanneld.service")).unwrap();
+    assert!(unit.contains("Restart=always") && unit.contains("CAP_NET_ADMIN"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flanneld.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/flanneld", env!("CARGO_BIN_EXE_flanneld")),
+    )
+    .unwrap();
+    let o = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (package systemd)");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !err.contains("flanneld.service"),
+        "systemd-analyze verify: {err}"
+    );
+}
+
+#[test]
+fn manifest_creates_every_object_with_upstreams_rbac() {
+    if !root_or_skip("manifest_creates_every_object_with_upstreams_rbac") {
+        return;
+    }
+    // `lab.sh up` applies deploy/kube-flannel.yml with kubectl.
+    let lab = Lab::up("deploy", &["--nodes", "1"]);
+    for obj in [
+        vec!["get", "namespace", "kube-flannel"],
+        vec!["get", "-n", "kube-flannel", "serviceaccount", "flannel"],
+        vec!["get", "clusterrole", "flannel"],
+        vec!["get", "clusterrolebinding", "flannel"],
+        vec!["get", "-n", "kube-flannel", "configmap", "kube-flannel-cfg"],
+        vec!["get", "-n", "kube-flannel", "daemonset", "kube-flannel-ds"],
+    ] {
+        lab.kubectl(&obj);
+    }
+    let rules = lab.kubectl(&["get", "clusterrole", "flannel", "-o", "jsonpath={.rules}"]);
+    let rules: serde_json::Value = serde_json::from_str(&rules).unwrap();
+    let got: BTreeSet<String> = rules
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            let res: Vec<String> = r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect();
+            let verbs: Vec<String> = r["verbs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect();
+            res.iter()
+                .flat_map(|x| verbs.iter().map(move |v| format!("{x}:{v}")))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let want: BTreeSet<String> = [
+        "pods:get",
+        "nodes:get",
+        "nodes:list",
+        "nodes:watch",
+        "nodes/status:patch",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(got, want);
+    let args = lab.kubectl(&[
+        "get",
+        "-n",
+        "kube-flannel",
+        "ds",
+        "kube-flannel-ds",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].args}",
+    ]);
+    assert_eq!(args, r#"["--ip-masq","--kube-subnet-mgr"]"#);
+    let net_conf = lab.kubectl(&[
+        "get",
+        "-n",
+        "kube-flannel",
+        "cm",
+        "kube-flannel-cfg",
+        "-o",
+        "jsonpath={.data.net-conf\\.json}",
+    ]);
+    assert!(
+        flannel::config::netconf::NetConf::parse(&net_conf).is_ok(),
+        "{net_conf}"
+    );
+    // The agent in the lab runs with exactly this RBAC (the flannel ServiceAccount's token).
+    lab.start_flannel(1, &[]);
+    support::wait_until(
+        std::time::Duration::from_secs(30),
+        "the agent to publish its lease",
+        || {
+            lab.kubectl(&[
+                "get",
+                "node",
+                "node1",
+                "-o",
+                "jsonpath={.metadata.annotations}",
+            ])
+            .contains("kube-subnet-manager")
+        },
+    );
+}
+
+#[test]
+fn image_builds_with_buildah_and_runs() {
+    if !root_or_skip("image_builds_with_buildah_and_runs") {
+        return;
+    }
+    let tag = "localhost/flannel-rs:test";
+    let o = Command::new("bash")
+        .arg(top().join("scripts/build-image.sh"))
+        .arg(tag)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "build-image: {}{}",
+        out,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    eprintln!("{}", out.trim());
+    let buildah = |args: &[&str]| {
+        let o = Command::new("buildah")
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "buildah {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let ctr = buildah(&["from", tag]);
+    let version = buildah(&[
+        "run",
+        "--isolation",
+        "chroot",
+        &ctr,
+        "/opt/bin/flanneld",
+        "--version",
+    ]);
+    let ipt = buildah(&[
+        "run",
+        "--isolation",
+        "chroot",
+        &ctr,
+        "/usr/sbin/iptables",
+        "--version",
+    ]);
+    let cp = Command::new("buildah")
+        .args([
+            "--storage-driver",
+            "vfs",
+            "run",
+            "--isolation",
+            "chroot",
+            &ctr,
+            "cp",
+            "--help",
+        ])
+        .output()
+        .unwrap();
+    buildah(&["rm", &ctr]);
+    assert!(
+        version.starts_with("v0.") && version.contains("flannel-rs"),
+        "{version}"
+    );
+    assert!(ipt.contains("nf_tables"), "{ipt}");
+    assert!(String::from_utf8_lossy(&cp.stderr).contains("cp") || cp.status.success());
+}
