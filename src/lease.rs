@@ -4,7 +4,7 @@
 //! into `Lease`s; `PeerSet` keeps the valid ones and refuses conflicting or
 //! hostile ones with one warning each.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::IpNetwork;
@@ -238,11 +238,18 @@ pub fn usable_unicast(ip: IpAddr) -> bool {
 /// First come, first served: a lease whose subnet overlaps an accepted peer's
 /// is refused, so a second Node claiming an existing podCIDR cannot hijack it.
 /// When the holder goes away, refused claimants are reconsidered.
+///
+/// Accepted subnets never overlap, so an index by start address answers "does
+/// this subnet overlap an accepted one" with one range lookup; VTEP MACs are
+/// indexed too. Adding N peers is O(N log N).
 #[derive(Debug, Default, Clone)]
 pub struct PeerSet {
     accepted: BTreeMap<String, Lease>,
     /// Valid on their own but conflicting with an accepted peer.
     waiting: BTreeMap<String, Lease>,
+    /// Accepted subnets: (is_v6, first address) → (last address, peer name).
+    by_subnet: BTreeMap<(bool, u128), (u128, String)>,
+    by_mac: HashMap<Mac, String>,
 }
 
 /// What changed in the accepted set after an update.
@@ -250,6 +257,20 @@ pub struct PeerSet {
 pub struct Outcome {
     pub changed: bool,
     pub refused: Vec<(String, Refusal)>,
+}
+
+fn subnets(l: &Lease) -> impl Iterator<Item = IpNetwork> {
+    l.subnet.into_iter().chain(l.ipv6_subnet)
+}
+
+fn vtep_macs(l: &Lease) -> impl Iterator<Item = Mac> {
+    [Some(l.backend), l.backend_v6]
+        .into_iter()
+        .flatten()
+        .filter_map(|b| match b {
+            BackendData::Vxlan(d) => Some(d.vtep_mac),
+            BackendData::HostGw => None,
+        })
 }
 
 impl PeerSet {
@@ -265,31 +286,55 @@ impl PeerSet {
         self.accepted.is_empty()
     }
 
+    fn accept(&mut self, name: String, lease: Lease) {
+        self.unaccept(&name);
+        for n in subnets(&lease) {
+            let (lo, hi) = subnet::range(&n);
+            self.by_subnet.insert((n.is_ipv6(), lo), (hi, name.clone()));
+        }
+        for m in vtep_macs(&lease) {
+            self.by_mac.insert(m, name.clone());
+        }
+        self.accepted.insert(name, lease);
+    }
+
+    fn unaccept(&mut self, name: &str) -> Option<Lease> {
+        let lease = self.accepted.remove(name)?;
+        for n in subnets(&lease) {
+            self.by_subnet.remove(&(n.is_ipv6(), subnet::range(&n).0));
+        }
+        for m in vtep_macs(&lease) {
+            if self.by_mac.get(&m).map(String::as_str) == Some(name) {
+                self.by_mac.remove(&m);
+            }
+        }
+        Some(lease)
+    }
+
     fn conflict(&self, name: &str, lease: &Lease) -> Option<Refusal> {
-        for (other, l) in &self.accepted {
-            if other == name {
-                continue;
+        // One VTEP MAC, one FDB entry: a second claimant would steal the first's traffic.
+        for m in vtep_macs(lease) {
+            if let Some(other) = self.by_mac.get(&m).filter(|o| o.as_str() != name) {
+                return Some(Refusal::Duplicate(format!(
+                    "VtepMAC {m} is already used by peer {other}"
+                )));
             }
-            // One VTEP MAC, one FDB entry: a second claimant would steal the first's traffic.
-            if let (BackendData::Vxlan(a), BackendData::Vxlan(b)) = (&lease.backend, &l.backend) {
-                if a.vtep_mac == b.vtep_mac {
-                    return Some(Refusal::Duplicate(format!(
-                        "VtepMAC {} is already used by peer {other}",
-                        a.vtep_mac
-                    )));
-                }
-            }
-            for (mine, theirs) in [
-                (&lease.subnet, &l.subnet),
-                (&lease.ipv6_subnet, &l.ipv6_subnet),
-            ] {
-                if let (Some(a), Some(b)) = (mine, theirs) {
-                    if subnet::overlaps(a, b) {
-                        return Some(Refusal::Conflict {
-                            subnet: *a,
-                            with: format!("peer {other}'s subnet {b}"),
-                        });
-                    }
+        }
+        for n in subnets(lease) {
+            let (lo, hi) = subnet::range(&n);
+            let v6 = n.is_ipv6();
+            // The accepted subnet starting last at or before our end is the only candidate.
+            if let Some((&(_, start), (end, other))) =
+                self.by_subnet.range((v6, 0)..=(v6, hi)).next_back()
+            {
+                if *end >= lo && other != name {
+                    let held = self.accepted.get(other).and_then(|l| {
+                        subnets(l).find(|s| s.is_ipv6() == v6 && subnet::range(s).0 == start)
+                    });
+                    let with = held
+                        .map(|h| format!("peer {other}'s subnet {h}"))
+                        .unwrap_or_else(|| format!("peer {other}'s subnet"));
+                    return Some(Refusal::Conflict { subnet: n, with });
                 }
             }
         }
@@ -305,7 +350,7 @@ impl PeerSet {
         }
         self.waiting.remove(name);
         if let Err(r) = lease.validate_peer(conf, own) {
-            out.changed = self.accepted.remove(name).is_some();
+            out.changed = self.unaccept(name).is_some();
             out.refused.push((name.to_string(), r));
             if out.changed {
                 self.promote_waiting(conf, own, &mut out);
@@ -313,7 +358,7 @@ impl PeerSet {
             return out;
         }
         if let Some(r) = self.conflict(name, &lease) {
-            out.changed = self.accepted.remove(name).is_some();
+            out.changed = self.unaccept(name).is_some();
             out.refused.push((name.to_string(), r));
             self.waiting.insert(name.to_string(), lease);
             if out.changed {
@@ -321,10 +366,13 @@ impl PeerSet {
             }
             return out;
         }
-        self.accepted.insert(name.to_string(), lease);
+        let had = self.accepted.contains_key(name);
+        self.accept(name.to_string(), lease);
         out.changed = true;
-        // The old subnet of this name may have freed room for a waiting peer.
-        self.promote_waiting(conf, own, &mut out);
+        // A changed lease may have freed room for a waiting peer.
+        if had {
+            self.promote_waiting(conf, own, &mut out);
+        }
         out
     }
 
@@ -332,7 +380,7 @@ impl PeerSet {
     pub fn remove(&mut self, name: &str, conf: &NetConf, own: &Lease) -> Outcome {
         let mut out = Outcome::default();
         self.waiting.remove(name);
-        if self.accepted.remove(name).is_some() {
+        if self.unaccept(name).is_some() {
             out.changed = true;
             self.promote_waiting(conf, own, &mut out);
         }
@@ -345,6 +393,8 @@ impl PeerSet {
             .into_iter()
             .chain(std::mem::take(&mut self.waiting))
             .collect();
+        self.by_subnet.clear();
+        self.by_mac.clear();
         let mut out = Outcome {
             changed: true,
             refused: vec![],
@@ -357,12 +407,15 @@ impl PeerSet {
     }
 
     fn promote_waiting(&mut self, conf: &NetConf, own: &Lease, out: &mut Outcome) {
+        if self.waiting.is_empty() {
+            return;
+        }
         let names: Vec<String> = self.waiting.keys().cloned().collect();
         for n in names {
             let lease = self.waiting[&n].clone();
             if self.conflict(&n, &lease).is_none() && lease.validate_peer(conf, own).is_ok() {
                 self.waiting.remove(&n);
-                self.accepted.insert(n, lease);
+                self.accept(n, lease);
                 out.changed = true;
             }
         }
@@ -478,6 +531,80 @@ mod tests {
         assert!(out.changed);
         assert!(set.accepted().contains_key("evil"));
         assert_eq!(set.len(), 1);
+    }
+
+    #[test]
+    fn overlap_index_finds_every_kind_of_overlap() {
+        let (c, o) = (conf(), own());
+        let mut set = PeerSet::default();
+        for i in 2..200u8 {
+            let out = set.upsert(
+                &format!("n{i}"),
+                lease(
+                    &format!("10.244.{i}.0/24"),
+                    "198.18.0.12",
+                    &format!("52:00:00:00:01:{i:02x}"),
+                ),
+                &c,
+                &o,
+            );
+            assert!(out.changed && out.refused.is_empty());
+        }
+        // Wider subnets covering accepted ones, narrower ones inside them, and exact copies.
+        for (i, sn) in [
+            "10.244.0.0/17",
+            "10.244.100.128/25",
+            "10.244.50.0/24",
+            "10.244.192.0/21",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let out = set.upsert(
+                &format!("x{i}"),
+                lease(sn, "198.18.0.99", &format!("52:00:00:00:02:{i:02x}")),
+                &c,
+                &o,
+            );
+            assert!(!out.changed, "{sn} was accepted");
+            assert!(
+                matches!(out.refused[0].1, Refusal::Conflict { .. }),
+                "{sn}: {:?}",
+                out.refused
+            );
+        }
+        // Adjacent but disjoint is fine.
+        assert!(set
+            .upsert(
+                "y",
+                lease("10.244.200.0/24", "198.18.0.98", "52:00:00:00:03:00"),
+                &c,
+                &o
+            )
+            .refused
+            .is_empty());
+        assert_eq!(set.len(), 199);
+        // The index follows removals and subnet changes.
+        set.remove("n50", &c, &o);
+        assert!(
+            set.accepted().contains_key("x2"),
+            "the waiting claimant of 10.244.50.0/24 takes it over"
+        );
+        set.upsert(
+            "n60",
+            lease("10.244.250.0/24", "198.18.0.12", "52:00:00:00:01:3c"),
+            &c,
+            &o,
+        );
+        assert!(set
+            .upsert(
+                "z",
+                lease("10.244.60.0/24", "198.18.0.97", "52:00:00:00:04:00"),
+                &c,
+                &o
+            )
+            .refused
+            .is_empty());
     }
 
     #[test]
