@@ -11,7 +11,7 @@
 # whose pids it recorded.
 #
 # usage: lab.sh <command> <lab> [args]
-#   up <lab> [--nodes N] [--mode kube|etcd] [--net-conf JSON] [--no-nodes-in-api]
+#   up <lab> [--nodes N] [--mode kube|etcd] [--net-conf JSON] [--no-nodes-in-api] [--pod-base A.B]
 #   node-add <lab> <i> [--no-api]        add node namespace i (and its Node object)
 #   node-object <lab> <i>                create Node object node<i> (podCIDR 10.244.<i-1>.0/24)
 #   flannel-start <lab> <i> [flanneld args...]
@@ -203,7 +203,7 @@ up_control_plane() {
 }
 
 node_object() {
-  local i=$1
+  local i=$1 base; base=$(cat "$DIR/pod-base" 2>/dev/null || echo 10.244)
   kubectl_ create -f - >/dev/null <<N
 apiVersion: v1
 kind: Node
@@ -211,8 +211,8 @@ metadata:
   name: node$i
   labels: {kubernetes.io/os: linux, kubernetes.io/hostname: node$i}
 spec:
-  podCIDR: 10.244.$((i - 1)).0/24
-  podCIDRs: [10.244.$((i - 1)).0/24]
+  podCIDR: $base.$((i - 1)).0/24
+  podCIDRs: [$base.$((i - 1)).0/24]
 N
 }
 
@@ -234,6 +234,7 @@ cmd_up() {
       --mode) MODE=$2; shift 2;;
       --net-conf) NETCONF=$2; shift 2;;
       --no-nodes-in-api) api=no; shift;;
+      --pod-base) echo "$2" >"$DIR/pod-base"; shift 2;;
       *) die "up: unknown option $1";;
     esac
   done
@@ -258,7 +259,11 @@ cmd_flannel_start() {
   else
     args+=(--etcd-endpoints "http://$CP_IP:2379")
   fi
-  ip netns exec "$(ns "n$i")" env NODE_NAME="node$i" RUST_LOG="${RUST_LOG:-info}" \
+  # As in the DaemonSet, the node can also be found through the agent's own pod
+  # (POD_NAME/POD_NAMESPACE set by the caller); otherwise NODE_NAME names it.
+  local who=(NODE_NAME="node$i")
+  [ -z "${POD_NAME:-}" ] || who=(-u NODE_NAME POD_NAME="$POD_NAME" POD_NAMESPACE="${POD_NAMESPACE:-kube-flannel}")
+  ip netns exec "$(ns "n$i")" env "${who[@]}" RUST_LOG="${RUST_LOG:-info}" \
     "$FLANNELD" "${args[@]}" "$@" >>"$DIR/n$i/flanneld.log" 2>&1 &
   echo $! >"$DIR/n$i/flanneld.pid"
   echo $!

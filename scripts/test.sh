@@ -9,4 +9,4 @@ else
   echo "test.sh: not root: installing nothing; lab tests will be skipped (CI runs as root)" >&2
 fi
 cargo build --locked --bins
-cargo test --locked --all-targets -- --test-threads=2
+cargo test --locked --all-targets --no-fail-fast -- --test-threads=2

@@ -201,44 +201,69 @@ impl<B: Backend> Reconciler<B> {
     }
 }
 
-/// Watches netlink for changes to what we own; each relevant message kicks a full check.
+/// Is this netlink notification about something we own?
+fn relevant(msg: &RouteNetlinkMessage, overlay: u32, network: &ipnetwork::IpNetwork) -> bool {
+    match msg {
+        RouteNetlinkMessage::DelLink(l) | RouteNetlinkMessage::NewLink(l) => {
+            l.header.index == overlay
+        }
+        RouteNetlinkMessage::DelAddress(a) | RouteNetlinkMessage::NewAddress(a) => {
+            a.header.index == overlay
+        }
+        RouteNetlinkMessage::DelNeighbour(n) | RouteNetlinkMessage::NewNeighbour(n) => {
+            n.header.ifindex == overlay
+        }
+        RouteNetlinkMessage::DelRoute(r) | RouteNetlinkMessage::NewRoute(r) => {
+            r.attributes.iter().any(|a| match a {
+                RouteAttribute::Destination(netlink_packet_route::route::RouteAddress::Inet(d)) => {
+                    network.contains(std::net::IpAddr::V4(*d))
+                }
+                _ => false,
+            })
+        }
+        _ => false,
+    }
+}
+
+/// Watches netlink for changes to what we own; each relevant message kicks a full
+/// check. If the subscription ends (e.g. its socket overflowed), it is renewed and
+/// a full check is kicked, since events may have been lost.
 fn spawn_drift_monitor(
     overlay: Arc<AtomicU32>,
     network: ipnetwork::IpNetwork,
     kick: mpsc::Sender<()>,
 ) -> anyhow::Result<()> {
     use rtnetlink::MulticastGroup as G;
-    let (conn, _handle, mut msgs) =
-        rtnetlink::new_multicast_connection(&[G::Link, G::Neigh, G::Ipv4Route, G::Ipv4Ifaddr])
-            .context("subscribing to netlink events")?;
-    tokio::spawn(conn);
+    let subscribe =
+        || rtnetlink::new_multicast_connection(&[G::Link, G::Neigh, G::Ipv4Route, G::Ipv4Ifaddr]);
+    let (conn, _handle, mut msgs) = subscribe().context("subscribing to netlink events")?;
+    let mut conn_task = tokio::spawn(conn);
     tokio::spawn(async move {
-        while let Some((m, _)) = msgs.next().await {
-            let idx = overlay.load(Ordering::Relaxed);
-            let NetlinkPayload::InnerMessage(msg) = m.payload else {
-                continue;
-            };
-            let relevant = match &msg {
-                RouteNetlinkMessage::DelLink(l) | RouteNetlinkMessage::NewLink(l) => {
-                    l.header.index == idx
+        loop {
+            while let Some((m, _)) = msgs.next().await {
+                let NetlinkPayload::InnerMessage(msg) = m.payload else {
+                    continue;
+                };
+                if relevant(&msg, overlay.load(Ordering::Relaxed), &network)
+                    && kick.try_send(()).is_err()
+                    && kick.is_closed()
+                {
+                    return;
                 }
-                RouteNetlinkMessage::DelAddress(a) | RouteNetlinkMessage::NewAddress(a) => {
-                    a.header.index == idx
+            }
+            conn_task.abort();
+            tracing::warn!(
+                "the netlink event subscription ended; renewing it and re-checking the kernel"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            match subscribe() {
+                Ok((c, _h, m)) => {
+                    conn_task = tokio::spawn(c);
+                    msgs = m;
                 }
-                RouteNetlinkMessage::DelNeighbour(n) | RouteNetlinkMessage::NewNeighbour(n) => {
-                    n.header.ifindex == idx
-                }
-                RouteNetlinkMessage::DelRoute(r) | RouteNetlinkMessage::NewRoute(r) => {
-                    r.attributes.iter().any(|a| match a {
-                        RouteAttribute::Destination(
-                            netlink_packet_route::route::RouteAddress::Inet(d),
-                        ) => network.contains(std::net::IpAddr::V4(*d)),
-                        _ => false,
-                    })
-                }
-                _ => false,
-            };
-            if relevant && kick.try_send(()).is_err() && kick.is_closed() {
+                Err(e) => tracing::error!("renewing the netlink subscription: {e}"),
+            }
+            if kick.send(()).await.is_err() {
                 return;
             }
         }

@@ -261,3 +261,36 @@ fn sigkill_and_restart_lose_no_packet_and_change_nothing() {
     let after: Vec<String> = (1..=3).map(|n| lab.dump(n)).collect();
     assert_eq!(before, after, "kernel state changed across restarts");
 }
+
+#[test]
+fn node_found_through_its_pod() {
+    if !root_or_skip("node_found_through_its_pod") {
+        return;
+    }
+    let lab = Lab::up("kvpod", &["--nodes", "1"]);
+    // The DaemonSet pod, bound to node1 (no scheduler or kubelet needed to store it).
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": "kube-flannel-ds-abcde", "namespace": "kube-flannel" },
+        "spec": { "nodeName": "node1", "serviceAccountName": "flannel", "automountServiceAccountToken": false,
+                  "containers": [{ "name": "kube-flannel", "image": "flannel-rs" }] },
+    });
+    let path = lab.dir.join("pod.json");
+    std::fs::write(&path, pod.to_string()).unwrap();
+    lab.kubectl(&["create", "-f", path.to_str().unwrap()]);
+    let o = std::process::Command::new("bash")
+        .arg(top().join("scripts/lab.sh"))
+        .args(["flannel-start", &lab.name, "1"])
+        .env("FLANNELD", env!("CARGO_BIN_EXE_flanneld"))
+        .env("POD_NAME", "kube-flannel-ds-abcde")
+        .env("POD_NAMESPACE", "kube-flannel")
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    wait_until(Duration::from_secs(30), "the lease of node1", || {
+        lab.subnet_env(1).contains("FLANNEL_SUBNET=10.244.0.1/24")
+    });
+    assert!(lab
+        .flannel_log(1)
+        .contains("kube subnet manager for node node1"));
+}

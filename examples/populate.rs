@@ -1,0 +1,110 @@
+//! Benchmark helper: fills the lab's API server or etcd with N flannel peers, as
+//! running flanneld agents would have written them. Used by scripts/bench.sh.
+//!
+//!   populate kube <kubeconfig> <first> <count>   Node objects peer-<k> with podCIDR and annotations
+//!   populate etcd <endpoint> <first> <count>     /coreos.com/network/subnets/<subnet> keys with a lease
+//! Peer k: subnet 10.128.0.0/9 + (256 + k) × /24, public IP 198.19.(k/256).(k%256)
+//! (never contacted), VtepMAC 52:54:00:<k>. Prints the Unix time in ns just before
+//! the first request, so a caller can time how long until an agent programs it.
+
+use std::net::Ipv4Addr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures::{stream, StreamExt};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+fn subnet(k: u32) -> String {
+    let n = (10u32 << 24 | 128 << 16) + ((256 + k) << 8);
+    format!("{}/24", Ipv4Addr::from(n))
+}
+fn public_ip(k: u32) -> String {
+    format!("198.19.{}.{}", k / 256, k % 256)
+}
+fn mac(k: u32) -> String {
+    format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        (k >> 16) & 255,
+        (k >> 8) & 255,
+        k & 255
+    )
+}
+fn data(k: u32) -> String {
+    format!(r#"{{"VNI":1,"VtepMAC":"{}"}}"#, mac(k))
+}
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let a: Vec<String> = std::env::args().collect();
+    anyhow::ensure!(
+        a.len() == 5,
+        "usage: populate kube|etcd <kubeconfig|endpoint> <first> <count>"
+    );
+    let (first, count): (u32, u32) = (a[3].parse()?, a[4].parse()?);
+    match a[1].as_str() {
+        "kube" => {
+            let kc = Kubeconfig::read_from(&a[2])?;
+            let cfg =
+                kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+            let nodes: Api<Node> = Api::all(kube::Client::try_from(cfg)?);
+            println!("{}", now_ns());
+            let results: Vec<_> = stream::iter(first..first + count)
+                .map(|k| {
+                    let nodes = nodes.clone();
+                    async move {
+                        let node: Node = serde_json::from_value(serde_json::json!({
+                            "metadata": { "name": format!("peer-{k}"), "annotations": {
+                                "flannel.alpha.coreos.com/backend-data": data(k),
+                                "flannel.alpha.coreos.com/backend-type": "vxlan",
+                                "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+                                "flannel.alpha.coreos.com/public-ip": public_ip(k),
+                            }},
+                            "spec": { "podCIDR": subnet(k), "podCIDRs": [subnet(k)] },
+                        }))?;
+                        nodes.create(&PostParams::default(), &node).await?;
+                        Ok::<(), anyhow::Error>(())
+                    }
+                })
+                .buffer_unordered(16)
+                .collect()
+                .await;
+            for r in results {
+                r?;
+            }
+        }
+        "etcd" => {
+            let mut c = etcd_client::Client::connect([a[2].as_str()], None).await?;
+            let lease = c.lease_grant(86400, None).await?.id();
+            println!("{}", now_ns());
+            let results: Vec<_> = stream::iter(first..first + count)
+                .map(|k| {
+                    let mut c = c.clone();
+                    async move {
+                        let key = format!("/coreos.com/network/subnets/{}", subnet(k).replace('/', "-"));
+                        let val = format!(
+                            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{}}}"#,
+                            public_ip(k),
+                            data(k)
+                        );
+                        c.put(key, val, Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
+                        Ok::<(), anyhow::Error>(())
+                    }
+                })
+                .buffer_unordered(32)
+                .collect()
+                .await;
+            for r in results {
+                r?;
+            }
+        }
+        other => anyhow::bail!("unknown target {other}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Cluster-scale benchmark of flannel-rs in the lab (root). Prints figures; asserts nothing.
+#   N=5000 MODE=kube bash scripts/bench.sh      (MODE=etcd for the etcd manager)
+# N peers are created in the real kube-apiserver (or etcd) as running flanneld agents
+# write them (Network 10.128.0.0/9, /24 subnets, public IPs in 198.19.0.0/16 that are
+# never contacted), then one flanneld starts on node1 and we report:
+#   seconds until all N routes, neighbours and FDB entries are programmed,
+#   RSS after convergence and peak (VmHWM), CPU seconds to converge,
+#   milliseconds from creating one more peer to its FDB entry (bridge monitor),
+#   CPU used over 60 s of idle.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${N:-1000}; MODE=${MODE:-kube}; LAB=${LAB:-bench}; IDLE=${IDLE:-60}
+[ "$(id -u)" = 0 ] || { echo "bench: run as root" >&2; exit 1; }
+cargo build --release --locked --bins --example populate >/dev/null 2>&1
+export FLANNELD=$PWD/target/release/flanneld
+POP=$PWD/target/release/examples/populate
+L() { bash scripts/lab.sh "$@"; }
+trap 'L down $LAB >/dev/null 2>&1 || true' EXIT
+L down $LAB >/dev/null 2>&1 || true
+L up $LAB --mode "$MODE" --nodes 1 --pod-base 10.128 \
+  --net-conf '{"Network":"10.128.0.0/9","Backend":{"Type":"vxlan"}}' >/dev/null 2>&1
+DIR=/tmp/flannel-lab/$LAB
+NS=fl${LAB}-n1
+populate() { # first count
+  if [ "$MODE" = kube ]; then
+    ip netns exec "fl${LAB}-cp" "$POP" kube "$DIR/admin.kubeconfig" "$1" "$2"
+  else
+    ip netns exec "fl${LAB}-cp" "$POP" etcd http://127.0.0.1:2379 "$1" "$2"
+  fi
+}
+t=$(date +%s.%N); populate 0 "$N" >/dev/null; echo "populated $N peers in $(echo "$(date +%s.%N) - $t" | bc) s" >&2
+
+count() { ip -n "$NS" "$@" 2>/dev/null | wc -l; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+
+t0=$(date +%s.%N)
+pid=$(L flannel-start $LAB 1)
+end=$((SECONDS + 180))
+until [ "$(count route show dev flannel.1)" -ge "$N" ] && [ "$(count neigh show dev flannel.1)" -ge "$N" ] \
+      && [ "$(ip netns exec "$NS" bridge fdb show dev flannel.1 | grep -c self)" -ge "$N" ]; do
+  [ $SECONDS -lt $end ] || { echo "bench: not converged in 180 s" >&2; tail -5 "$DIR/n1/flanneld.log" >&2; exit 1; }
+  sleep 0.05
+done
+t1=$(date +%s.%N)
+# The agent's own record of when its last apply finished (the poll above is coarser).
+last=$(grep "programmed $N peers" "$DIR/n1/flanneld.log" | head -n1 | cut -d' ' -f1)
+conv_log=$(echo "$(date -d "$last" +%s.%N) - $t0" | bc)
+conv_poll=$(echo "$t1 - $t0" | bc)
+cpu_conv=$(echo "scale=2; $(ticks "$pid") / $hz" | bc)
+rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status"); hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
+
+# New peer → FDB entry, 5 times.
+lat=()
+for j in 0 1 2 3 4; do
+  k=$((N + j)); mac=$(printf '52:54:00:%02x:%02x:%02x' $((k >> 16 & 255)) $((k >> 8 & 255)) $((k & 255)))
+  mon=$DIR/mon$j.txt
+  timeout 15 ip netns exec "$NS" bridge -timestamp monitor fdb >"$mon" 2>&1 &
+  mpid=$!; sleep 0.3
+  start_ns=$(populate "$k" 1 | head -n1)
+  e=$((SECONDS + 10))
+  until grep -q "$mac" "$mon"; do [ $SECONDS -lt $e ] || break; sleep 0.02; done
+  kill "$mpid" 2>/dev/null || true; wait "$mpid" 2>/dev/null || true
+  ts=$(grep -B1 "$mac" "$mon" | grep Timestamp | head -n1 | sed 's/Timestamp: //')
+  [ -n "$ts" ] || { lat+=("timeout"); continue; }
+  usec=$(echo "$ts" | awk '{print $(NF-1)}'); when=$(echo "$ts" | awk '{$NF=""; $(NF-1)=""; print}')
+  fdb_ns=$(( $(date -d "$when" +%s) * 1000000000 + 10#$usec * 1000 ))
+  lat+=("$(echo "scale=1; ($fdb_ns - $start_ns) / 1000000" | bc)")
+done
+
+c0=$(ticks "$pid"); sleep "$IDLE"; c1=$(ticks "$pid")
+idle_ms=$(( (c1 - c0) * 1000 / hz ))
+
+cat <<R
+flannel-rs benchmark: MODE=$MODE N=$N ($(nproc) cores, $(uname -r))
+  converge (agent log, start → last apply) : ${conv_log} s
+  converge (external poll of the kernel)   : ${conv_poll} s
+  CPU to converge                          : ${cpu_conv} s
+  RSS after convergence / peak (VmHWM)     : $((rss / 1024)) MB / $((hwm / 1024)) MB  (${rss} kB / ${hwm} kB)
+  new peer → FDB entry (5 runs, ms)        : ${lat[*]}
+  CPU over ${IDLE} s idle                      : ${idle_ms} ms
+R
