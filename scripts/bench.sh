@@ -48,7 +48,7 @@ t1=$(date +%s.%N)
 last=$(grep "programmed $N peers" "$DIR/n1/flanneld.log" | head -n1 | cut -d' ' -f1)
 conv_log=$(echo "$(date -d "$last" +%s.%N) - $t0" | bc)
 conv_poll=$(echo "$t1 - $t0" | bc)
-cpu_conv=$(echo "scale=2; $(ticks "$pid") / $hz" | bc)
+cpu_conv=$(echo "scale=2; $(ticks "$pid") / $hz" | bc); split=$(awk -v hz="$hz" '{printf "user %.2f s, system %.2f s", $14/hz, $15/hz}' "/proc/$pid/stat")
 rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status"); hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
 
 # New peer → FDB entry, 5 times.
@@ -76,7 +76,7 @@ cat <<R
 flannel-rs benchmark: MODE=$MODE N=$N ($(nproc) cores, $(uname -r))
   converge (agent log, start → last apply) : ${conv_log} s
   converge (external poll of the kernel)   : ${conv_poll} s
-  CPU to converge                          : ${cpu_conv} s
+  CPU to converge                          : ${cpu_conv} s (${split})
   RSS after convergence / peak (VmHWM)     : $((rss / 1024)) MB / $((hwm / 1024)) MB  (${rss} kB / ${hwm} kB)
   new peer → FDB entry (5 runs, ms)        : ${lat[*]}
   CPU over ${IDLE} s idle                      : ${idle_ms} ms

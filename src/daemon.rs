@@ -7,22 +7,19 @@
 //! events, failures, and a slow safety timer); only the difference is applied.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::StreamExt;
 use netlink_packet_core::NetlinkPayload;
-use netlink_packet_route::route::RouteAttribute;
-use netlink_packet_route::RouteNetlinkMessage;
 use tokio::sync::mpsc;
 
 use crate::backend::Backend;
 use crate::config::flags::Flags;
 use crate::config::netconf::NetConf;
 use crate::dataplane::model::{diff, Observed, State};
-use crate::dataplane::netlink::{Netlink, Scope};
+use crate::dataplane::netlink::{deviates, Netlink, Scope};
 use crate::firewall::{self, iptables::Iptables, nftables::Nftables, Wanted};
 use crate::iface::{self, ExternalInterface};
 use crate::lease::{Lease, Outcome, PeerSet};
@@ -30,8 +27,16 @@ use crate::manager::{LeaseEvent, LeaseRequest, PeerRead, SubnetManager};
 use crate::metrics::Metrics;
 use crate::subnet_env::SubnetEnv;
 
-/// Full re-check of the kernel even without events (events can be lost on overflow).
-const SAFETY_RESYNC: Duration = Duration::from_secs(60);
+/// Full re-check of the kernel even without events. Deviations are seen through
+/// netlink events and a lost subscription is renewed, so this is only a backstop.
+const SAFETY_RESYNC: Duration = Duration::from_secs(300);
+
+/// What the drift monitor compares netlink events against.
+#[derive(Default)]
+struct Watched {
+    want: State,
+    dev: Option<crate::dataplane::netlink::Devices>,
+}
 /// Coalesces bursts of netlink events into one re-check.
 const DRIFT_DEBOUNCE: Duration = Duration::from_millis(50);
 
@@ -55,7 +60,7 @@ struct Reconciler<B> {
     applied: Option<State>,
     warned: HashMap<String, String>,
     metrics: Arc<Metrics>,
-    overlay_index: Arc<AtomicU32>,
+    watched: Arc<std::sync::RwLock<Watched>>,
     failures: u32,
 }
 
@@ -137,9 +142,17 @@ impl<B: Backend> Reconciler<B> {
             }
         }
         let devices = self.backend.devices(&self.ext);
-        self.overlay_index
-            .store(devices.overlay.unwrap_or(0), Ordering::Relaxed);
         let (want, skipped) = self.backend.desired(&self.ext, &self.peers);
+        // Published before applying, so the echoes of our own changes match it.
+        {
+            let mut w = self.watched.write().unwrap_or_else(|e| e.into_inner());
+            if w.want != want || w.dev != Some(devices) {
+                *w = Watched {
+                    want: want.clone(),
+                    dev: Some(devices),
+                };
+            }
+        }
         for (name, why) in skipped {
             if self.warned.get(&name) != Some(&why) {
                 tracing::warn!("not routing to peer {name}: {why}");
@@ -180,6 +193,9 @@ impl<B: Backend> Reconciler<B> {
                 tracing::warn!("... and {} more netlink errors", report.failed.len() - 5);
             }
             ok = report.failed.is_empty();
+            if d.ops() > 1000 {
+                release_freed_memory();
+            }
             tracing::info!(
                 "programmed {} peers: {} changes ({} routes, {} neighbours, {} fdb) in {:?}{}",
                 self.peers.len(),
@@ -201,36 +217,21 @@ impl<B: Backend> Reconciler<B> {
     }
 }
 
-/// Is this netlink notification about something we own?
-fn relevant(msg: &RouteNetlinkMessage, overlay: u32, network: &ipnetwork::IpNetwork) -> bool {
-    match msg {
-        RouteNetlinkMessage::DelLink(l) | RouteNetlinkMessage::NewLink(l) => {
-            l.header.index == overlay
-        }
-        RouteNetlinkMessage::DelAddress(a) | RouteNetlinkMessage::NewAddress(a) => {
-            a.header.index == overlay
-        }
-        RouteNetlinkMessage::DelNeighbour(n) | RouteNetlinkMessage::NewNeighbour(n) => {
-            n.header.ifindex == overlay
-        }
-        RouteNetlinkMessage::DelRoute(r) | RouteNetlinkMessage::NewRoute(r) => {
-            r.attributes.iter().any(|a| match a {
-                RouteAttribute::Destination(netlink_packet_route::route::RouteAddress::Inet(d)) => {
-                    network.contains(std::net::IpAddr::V4(*d))
-                }
-                _ => false,
-            })
-        }
-        _ => false,
+/// Gives memory freed after a large burst (initial list pages, big diffs) back to
+/// the OS, so the resident size reflects the compact state actually held.
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks glibc's own heap bookkeeping.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
-/// Watches netlink for changes to what we own; each relevant message kicks a full
-/// check. If the subscription ends (e.g. its socket overflowed), it is renewed and
+/// Watches netlink and kicks a full check when the kernel deviates from what we
+/// want. If the subscription ends (e.g. its socket overflowed), it is renewed and
 /// a full check is kicked, since events may have been lost.
 fn spawn_drift_monitor(
-    overlay: Arc<AtomicU32>,
-    network: ipnetwork::IpNetwork,
+    watched: Arc<std::sync::RwLock<Watched>>,
+    scope: Scope,
     kick: mpsc::Sender<()>,
 ) -> anyhow::Result<()> {
     use rtnetlink::MulticastGroup as G;
@@ -244,10 +245,11 @@ fn spawn_drift_monitor(
                 let NetlinkPayload::InnerMessage(msg) = m.payload else {
                     continue;
                 };
-                if relevant(&msg, overlay.load(Ordering::Relaxed), &network)
-                    && kick.try_send(()).is_err()
-                    && kick.is_closed()
-                {
+                let drift = {
+                    let w = watched.read().unwrap_or_else(|e| e.into_inner());
+                    w.dev.is_some_and(|dev| deviates(&msg, &w.want, dev, scope))
+                };
+                if drift && kick.try_send(()).is_err() && kick.is_closed() {
                     return;
                 }
             }
@@ -347,10 +349,17 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             let (o, r) = (own.clone(), req.clone());
             tokio::spawn(async move { m.keep_alive(&o, &r).await });
         }
-        let overlay_index = Arc::new(AtomicU32::new(0));
+        let watched = Arc::new(std::sync::RwLock::new(Watched::default()));
         let (kick_tx, mut kick_rx) = mpsc::channel(1);
-        if let Some(p) = &conf.v4 {
-            spawn_drift_monitor(overlay_index.clone(), p.network, kick_tx)?;
+        if let (Some(p), Some(own_subnet)) = (&conf.v4, own.subnet) {
+            spawn_drift_monitor(
+                watched.clone(),
+                Scope {
+                    network: p.network,
+                    own: own_subnet,
+                },
+                kick_tx,
+            )?;
         }
         let mut r = Reconciler {
             nl,
@@ -362,7 +371,7 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             applied: None,
             warned: HashMap::new(),
             metrics: metrics.clone(),
-            overlay_index,
+            watched,
             failures: 0,
         };
         let mut synced = false;
@@ -410,6 +419,7 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
                 r.failures = 0;
                 if !completed {
                     completed = true;
+                    release_freed_memory();
                     metrics.ready.set(1);
                     let m = manager.clone();
                     tokio::spawn(async move {

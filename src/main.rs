@@ -47,6 +47,11 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&flags);
+    // Few allocator arenas: the agent is mostly one thread, and each arena keeps memory.
+    // SAFETY: mallopt only tunes glibc's allocator, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     // One thread: the agent waits on sockets; a single-threaded runtime is
     // smaller and cheaper at idle than a pool.
     let rt = match tokio::runtime::Builder::new_current_thread()

@@ -731,3 +731,86 @@ fn neigh_fields(n: &NeighbourMessage) -> (Option<IpAddr>, Option<Mac>) {
     }
     (ip, mac)
 }
+
+/// Whether a netlink notification shows the kernel deviating from `want`: an
+/// entry we want was removed or changed, or the device went away or down.
+/// The echoes of our own changes match `want` and are not deviations, so they
+/// cost no kernel re-read.
+pub fn deviates(
+    msg: &RouteNetlinkMessage,
+    want: &super::model::State,
+    dev: Devices,
+    scope: Scope,
+) -> bool {
+    let overlay = dev.overlay.unwrap_or(0);
+    match msg {
+        RouteNetlinkMessage::DelLink(l) => l.header.index == overlay,
+        RouteNetlinkMessage::NewLink(l) => {
+            l.header.index == overlay && !l.header.flags.contains(LinkFlags::Up)
+        }
+        RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
+            a.header.index == overlay
+        }
+        RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
+            if r.header.table != RouteHeader::RT_TABLE_MAIN {
+                return false;
+            }
+            let (mut dst, mut gw, mut oif) = (None, None, None);
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(d) => dst = route_ip(d),
+                    RouteAttribute::Gateway(g) => gw = route_ip(g),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            let Some(net) =
+                dst.and_then(|d| IpNetwork::new(d, r.header.destination_prefix_length).ok())
+            else {
+                return false;
+            };
+            if !subnet::is_proper_subnet(&scope.network, &net) || subnet::overlaps(&net, &scope.own)
+            {
+                return false;
+            }
+            let wanted = want.routes.get(&net);
+            if matches!(msg, RouteNetlinkMessage::DelRoute(_)) {
+                return wanted.is_some();
+            }
+            let dev_kind = if oif.is_some() && oif == dev.overlay {
+                Some(Dev::Overlay)
+            } else if oif == Some(dev.underlay) {
+                Some(Dev::Underlay)
+            } else {
+                None
+            };
+            let seen = gw.zip(dev_kind).map(|(via, d)| Route {
+                via,
+                dev: d,
+                onlink: r.header.flags.contains(RouteFlags::Onlink),
+            });
+            // A route in our range that we do not want, or one that differs from ours.
+            seen.as_ref() != wanted && (wanted.is_some() || dev_kind.is_some())
+        }
+        RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
+            if n.header.ifindex != overlay {
+                return false;
+            }
+            let del = matches!(msg, RouteNetlinkMessage::DelNeighbour(_));
+            let (ip, mac) = neigh_fields(n);
+            let (Some(ip), Some(mac)) = (ip, mac) else {
+                return del;
+            };
+            if n.header.family == AddressFamily::Bridge {
+                let ours = want.fdb.get(&mac) == Some(&ip);
+                return if del { ours } else { !ours && mac.0 != [0; 6] };
+            }
+            if del {
+                return want.neighs.contains_key(&ip);
+            }
+            n.header.state == NeighbourState::Permanent && want.neighs.get(&ip) != Some(&mac)
+                || n.header.state != NeighbourState::Permanent && want.neighs.contains_key(&ip)
+        }
+        _ => false,
+    }
+}

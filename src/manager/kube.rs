@@ -42,6 +42,7 @@ pub mod names {
 /// images, conditions) is skipped while decoding.
 #[derive(Debug, Clone, Deserialize, Default)]
 pub struct NodeLite {
+    #[serde(deserialize_with = "meta_lite")]
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: Option<NodeSpecLite>,
@@ -76,6 +77,27 @@ impl kube::Resource for NodeLite {
     fn meta_mut(&mut self) -> &mut ObjectMeta {
         &mut self.metadata
     }
+}
+
+/// Decodes only the metadata fields flanneld reads; `managedFields`, labels and
+/// the rest are skipped by the parser instead of being built and dropped.
+fn meta_lite<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct MetaLite {
+        name: Option<String>,
+        resource_version: Option<String>,
+        creation_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+        annotations: Option<BTreeMap<String, String>>,
+    }
+    let m = MetaLite::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        resource_version: m.resource_version,
+        creation_timestamp: m.creation_timestamp,
+        annotations: m.annotations,
+        ..Default::default()
+    })
 }
 
 /// The pod CIDRs of a node, per family.
@@ -586,9 +608,11 @@ mod tests {
     #[test]
     fn node_lite_reads_api_json() {
         let n: NodeLite = serde_json::from_str(
-            r#"{"metadata":{"name":"node2","annotations":{"a":"b"}},"spec":{"podCIDR":"10.244.1.0/24","podCIDRs":["10.244.1.0/24"]},"status":{"images":[]}}"#,
+            r#"{"metadata":{"name":"node2","annotations":{"a":"b"},"managedFields":[{"manager":"kubectl","fieldsV1":{"f:spec":{}}}],"resourceVersion":"7"},"spec":{"podCIDR":"10.244.1.0/24","podCIDRs":["10.244.1.0/24"]},"status":{"images":[]}}"#,
         )
         .unwrap();
+        assert_eq!(n.metadata.name.as_deref(), Some("node2"));
+        assert_eq!(n.metadata.annotations.as_ref().unwrap()["a"], "b");
         let spec = n.spec.unwrap();
         assert_eq!(spec.pod_cidr.as_deref(), Some("10.244.1.0/24"));
         assert_eq!(spec.pod_cidrs.unwrap().len(), 1);
