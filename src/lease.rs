@@ -387,25 +387,6 @@ impl PeerSet {
         out
     }
 
-    /// Re-validates everything against a new own lease (e.g. after it changed).
-    pub fn revalidate(&mut self, conf: &NetConf, own: &Lease) -> Outcome {
-        let all: Vec<(String, Lease)> = std::mem::take(&mut self.accepted)
-            .into_iter()
-            .chain(std::mem::take(&mut self.waiting))
-            .collect();
-        self.by_subnet.clear();
-        self.by_mac.clear();
-        let mut out = Outcome {
-            changed: true,
-            refused: vec![],
-        };
-        for (name, lease) in all {
-            out.refused
-                .extend(self.upsert(&name, lease, conf, own).refused);
-        }
-        out
-    }
-
     fn promote_waiting(&mut self, conf: &NetConf, own: &Lease, out: &mut Outcome) {
         if self.waiting.is_empty() {
             return;

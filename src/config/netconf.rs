@@ -3,7 +3,7 @@
 //! Go's encoding/json matches object keys case-insensitively, so `"network"`
 //! works upstream; it works here too (an exact-case key wins).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 use serde_json::{Map, Value};
@@ -444,13 +444,6 @@ fn parse_mac_prefix(s: &str) -> Result<Vec<u8>, String> {
         }
         _ => Err(format!("{s:?} is not a MAC prefix like 0E:2A")),
     }
-}
-
-/// The IPv4 network or the unspecified address, for places that print it.
-pub fn v4_or_unspecified(p: &Option<Pool>) -> IpAddr {
-    p.as_ref()
-        .map(|p| p.network.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
 }
 
 #[cfg(test)]

@@ -265,26 +265,6 @@ impl Netlink {
         }
     }
 
-    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, NetlinkError> {
-        match self
-            .handle
-            .link()
-            .get()
-            .match_index(index)
-            .execute()
-            .try_next()
-            .await
-        {
-            Ok(m) => Ok(m.as_ref().map(parse_link)),
-            Err(rtnetlink::Error::NetlinkError(e))
-                if e.code.map(|c| -c.get()) == Some(libc::ENODEV) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(nlerr("get link", index)(e)),
-        }
-    }
-
     pub async fn create_vxlan(&self, s: &VxlanSpec) -> Result<(), NetlinkError> {
         let mut b = LinkVxlan::new(&s.name, s.attrs.vni)
             .learning(s.attrs.learning)
