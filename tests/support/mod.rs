@@ -158,24 +158,31 @@ impl Lab {
         self.sh("dump", &[&node.to_string()])
     }
 
-    /// Lines of `ip route` / `ip neigh` / `bridge fdb` on flannel.1 in node `n`.
+    /// Lines of `ip route` / `ip neigh` / `bridge fdb` on flannel.1 in node `n`;
+    /// empty while the device does not exist (yet).
     pub fn routes(&self, node: u32) -> Vec<String> {
-        lines(&self.exec(
-            &format!("n{node}"),
-            &["ip", "route", "show", "dev", "flannel.1"],
-        ))
+        self.on_flannel1(node, &["ip", "route", "show", "dev", "flannel.1"])
     }
     pub fn neighs(&self, node: u32) -> Vec<String> {
-        lines(&self.exec(
-            &format!("n{node}"),
-            &["ip", "neigh", "show", "dev", "flannel.1"],
-        ))
+        self.on_flannel1(node, &["ip", "neigh", "show", "dev", "flannel.1"])
     }
     pub fn fdb(&self, node: u32) -> Vec<String> {
-        lines(&self.exec(
-            &format!("n{node}"),
-            &["bridge", "fdb", "show", "dev", "flannel.1"],
-        ))
+        self.on_flannel1(node, &["bridge", "fdb", "show", "dev", "flannel.1"])
+    }
+    fn on_flannel1(&self, node: u32, cmd: &[&str]) -> Vec<String> {
+        let ns = format!("n{node}");
+        let mut a = vec![ns.as_str()];
+        a.extend_from_slice(cmd);
+        let o = self.try_sh("exec", &a);
+        if !o.status.success() {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                err.contains("Cannot find device") || err.contains("does not exist"),
+                "{cmd:?} in {ns}: {err}"
+            );
+            return Vec::new();
+        }
+        lines(&String::from_utf8_lossy(&o.stdout))
     }
 }
 
