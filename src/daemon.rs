@@ -19,7 +19,7 @@ use crate::backend::Backend;
 use crate::config::flags::Flags;
 use crate::config::netconf::NetConf;
 use crate::dataplane::model::{diff, Observed, State};
-use crate::dataplane::netlink::{deviates, Netlink, Scope};
+use crate::dataplane::netlink::{deviates, Devices, Netlink, Scope};
 use crate::firewall::{self, iptables::Iptables, nftables::Nftables, Wanted};
 use crate::iface::{self, ExternalInterface};
 use crate::lease::{Lease, Outcome, PeerSet};
@@ -31,11 +31,61 @@ use crate::subnet_env::SubnetEnv;
 /// netlink events and a lost subscription is renewed, so this is only a backstop.
 const SAFETY_RESYNC: Duration = Duration::from_secs(300);
 
-/// What the drift monitor compares netlink events against.
+/// What the drift monitor compares netlink events against: per family, the
+/// wanted entries, their devices and the range of routes that are ours.
 #[derive(Default)]
 struct Watched {
-    want: State,
-    dev: Option<crate::dataplane::netlink::Devices>,
+    planes: Vec<(State, Devices, Scope)>,
+}
+
+/// One address family's dataplane: which routes are ours, and what the kernel
+/// holds after our last successful apply (None = unknown, re-read it).
+struct Plane {
+    v6: bool,
+    scope: Scope,
+    applied: Option<State>,
+}
+
+impl Plane {
+    fn name(&self) -> &'static str {
+        if self.v6 {
+            "IPv6"
+        } else {
+            "IPv4"
+        }
+    }
+}
+
+/// "a, b" of the present addresses, or "none".
+fn show(ips: &[Option<std::net::IpAddr>]) -> String {
+    let v: Vec<String> = ips.iter().flatten().map(|i| i.to_string()).collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// The families this node routes: enabled in the config and leased.
+fn planes(conf: &NetConf, own: &Lease) -> Vec<Plane> {
+    let v4 = conf
+        .v4
+        .as_ref()
+        .zip(own.subnet)
+        .map(|(p, s)| (false, p.network, s));
+    let v6 = conf
+        .v6
+        .as_ref()
+        .zip(own.ipv6_subnet)
+        .map(|(p, s)| (true, p.network, s));
+    v4.into_iter()
+        .chain(v6)
+        .map(|(v6, network, own)| Plane {
+            v6,
+            scope: Scope { network, own },
+            applied: None,
+        })
+        .collect()
 }
 /// Coalesces bursts of netlink events into one re-check.
 const DRIFT_DEBOUNCE: Duration = Duration::from_millis(50);
@@ -56,8 +106,7 @@ struct Reconciler<B> {
     own: Lease,
     conf: NetConf,
     peers: PeerSet,
-    /// What the kernel holds after our last successful apply; None = unknown.
-    applied: Option<State>,
+    planes: Vec<Plane>,
     warned: HashMap<String, String>,
     metrics: Arc<Metrics>,
     watched: Arc<std::sync::RwLock<Watched>>,
@@ -125,6 +174,11 @@ impl<B: Backend> Reconciler<B> {
         }
     }
 
+    /// Whether every family's last apply succeeded (so diffs can start from it).
+    fn applied_known(&self) -> bool {
+        self.planes.iter().all(|p| p.applied.is_some())
+    }
+
     /// One pass. `full` re-reads the kernel and repairs devices.
     async fn reconcile(&mut self, full: bool) -> bool {
         let started = Instant::now();
@@ -132,7 +186,9 @@ impl<B: Backend> Reconciler<B> {
             match self.backend.configure(&self.nl, &self.ext, &self.own).await {
                 Ok(true) => {
                     tracing::warn!("the flannel device was re-created; re-programming all peers");
-                    self.applied = None;
+                    for p in &mut self.planes {
+                        p.applied = None;
+                    }
                 }
                 Ok(false) => {}
                 Err(e) => {
@@ -141,38 +197,68 @@ impl<B: Backend> Reconciler<B> {
                 }
             }
         }
-        let devices = self.backend.devices(&self.ext);
-        let (want, skipped) = self.backend.desired(&self.ext, &self.peers);
+        let wants: Vec<(State, Devices)> = self
+            .planes
+            .iter()
+            .map(|p| {
+                let (want, skipped) = self.backend.desired(&self.ext, &self.peers, p.v6);
+                for (name, why) in skipped {
+                    let key = if p.v6 { format!("{name} (IPv6)") } else { name };
+                    if self.warned.get(&key) != Some(&why) {
+                        tracing::warn!("not routing to peer {key}: {why}");
+                        self.warned.insert(key, why);
+                    }
+                }
+                (want, self.backend.devices(&self.ext, p.v6))
+            })
+            .collect();
         // Published before applying, so the echoes of our own changes match it.
         {
             let mut w = self.watched.write().unwrap_or_else(|e| e.into_inner());
-            if w.want != want || w.dev != Some(devices) {
-                *w = Watched {
-                    want: want.clone(),
-                    dev: Some(devices),
-                };
+            let same = w.planes.len() == wants.len()
+                && w.planes
+                    .iter()
+                    .zip(&wants)
+                    .all(|(a, b)| a.0 == b.0 && a.1 == b.1);
+            if !same {
+                w.planes = wants
+                    .iter()
+                    .zip(&self.planes)
+                    .map(|((s, d), p)| (s.clone(), *d, p.scope))
+                    .collect();
             }
         }
-        for (name, why) in skipped {
-            if self.warned.get(&name) != Some(&why) {
-                tracing::warn!("not routing to peer {name}: {why}");
-                self.warned.insert(name, why);
-            }
+        let mut ok = true;
+        for (i, (want, devices)) in wants.into_iter().enumerate() {
+            ok &= self.reconcile_plane(i, want, devices, full, started).await;
         }
-        let (Some(network), Some(own)) =
-            (self.conf.v4.as_ref().map(|p| p.network), self.own.subnet)
-        else {
-            return true;
-        };
-        let have = match (&self.applied, full) {
+        self.metrics.peers.set(self.peers.len() as u64);
+        self.metrics.reconciles.inc();
+        self.metrics
+            .reconcile_micros
+            .add(started.elapsed().as_micros() as u64);
+        ok
+    }
+
+    /// Brings one family's entries to `want`.
+    async fn reconcile_plane(
+        &mut self,
+        i: usize,
+        want: State,
+        devices: Devices,
+        full: bool,
+        started: Instant,
+    ) -> bool {
+        let plane = &self.planes[i];
+        let have = match (&plane.applied, full) {
             (Some(s), false) => Observed {
                 fdb_all: s.fdb.iter().map(|(m, i)| (*m, *i)).collect(),
                 state: s.clone(),
             },
-            _ => match self.nl.observe(devices, Scope { network, own }).await {
+            _ => match self.nl.observe(devices, plane.scope).await {
                 Ok(o) => o,
                 Err(e) => {
-                    tracing::error!("reading the kernel's state: {e}");
+                    tracing::error!("reading the kernel's {} state: {e}", plane.name());
                     return false;
                 }
             },
@@ -197,8 +283,9 @@ impl<B: Backend> Reconciler<B> {
                 release_freed_memory();
             }
             tracing::info!(
-                "programmed {} peers: {} changes ({} routes, {} neighbours, {} fdb) in {:?}{}",
+                "programmed {} peers ({}): {} changes ({} routes, {} neighbours, {} fdb) in {:?}{}",
                 self.peers.len(),
+                plane.name(),
                 d.ops(),
                 d.routes.set.len() + d.routes.del.len(),
                 d.neighs.set.len() + d.neighs.del.len(),
@@ -207,12 +294,7 @@ impl<B: Backend> Reconciler<B> {
                 if full { " (full check)" } else { "" }
             );
         }
-        self.applied = ok.then_some(want);
-        self.metrics.peers.set(self.peers.len() as u64);
-        self.metrics.reconciles.inc();
-        self.metrics
-            .reconcile_micros
-            .add(started.elapsed().as_micros() as u64);
+        self.planes[i].applied = ok.then_some(want);
         ok
     }
 }
@@ -231,12 +313,15 @@ fn release_freed_memory() {
 /// a full check is kicked, since events may have been lost.
 fn spawn_drift_monitor(
     watched: Arc<std::sync::RwLock<Watched>>,
-    scope: Scope,
+    v6: bool,
     kick: mpsc::Sender<()>,
 ) -> anyhow::Result<()> {
     use rtnetlink::MulticastGroup as G;
-    let subscribe =
-        || rtnetlink::new_multicast_connection(&[G::Link, G::Neigh, G::Ipv4Route, G::Ipv4Ifaddr]);
+    let mut groups = vec![G::Link, G::Neigh, G::Ipv4Route, G::Ipv4Ifaddr];
+    if v6 {
+        groups.extend([G::Ipv6Route, G::Ipv6Ifaddr]);
+    }
+    let subscribe = move || rtnetlink::new_multicast_connection(&groups);
     let (conn, _handle, mut msgs) = subscribe().context("subscribing to netlink events")?;
     let mut conn_task = tokio::spawn(conn);
     tokio::spawn(async move {
@@ -247,7 +332,9 @@ fn spawn_drift_monitor(
                 };
                 let drift = {
                     let w = watched.read().unwrap_or_else(|e| e.into_inner());
-                    w.dev.is_some_and(|dev| deviates(&msg, &w.want, dev, scope))
+                    w.planes
+                        .iter()
+                        .any(|(want, dev, scope)| deviates(&msg, want, *dev, *scope))
                 };
                 if drift && kick.try_send(()).is_err() && kick.is_closed() {
                     return;
@@ -286,12 +373,18 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
         let nl = Netlink::connect().context("opening netlink")?;
         let ext = iface::select(&nl, &flags, conf.v4.is_some(), conf.v6.is_some()).await?;
         tracing::info!(
-            "using interface {} (index {}, MTU {}), address {:?}, public IP {:?}",
+            "using interface {} (index {}, MTU {}), addresses {}, public IPs {}",
             ext.name,
             ext.index,
             ext.mtu,
-            ext.iface_addr,
-            ext.public_ip
+            show(&[
+                ext.iface_addr.map(Into::into),
+                ext.iface_addr6.map(Into::into)
+            ]),
+            show(&[
+                ext.public_ip.map(Into::into),
+                ext.public_ipv6.map(Into::into)
+            ]),
         );
         let prepared = backend
             .prepare(&nl, &ext)
@@ -301,10 +394,18 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             public_ip: ext.public_ip,
             public_ipv6: ext.public_ipv6,
             data: prepared.data,
-            data_v6: None,
+            data_v6: prepared.data_v6.filter(|_| conf.v6.is_some()),
         };
         let own = manager.acquire(&conf, &req).await?;
-        tracing::info!("lease acquired: {:?}", own.subnet);
+        tracing::info!(
+            "lease acquired: {}",
+            [own.subnet, own.ipv6_subnet]
+                .iter()
+                .flatten()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         backend
             .configure(&nl, &ext, &own)
             .await
@@ -319,11 +420,12 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
         };
         env.write(&flags.subnet_file)?;
         tracing::info!("wrote {}", flags.subnet_file.display());
-        if let (Some(pool), Some(lease)) = (&conf.v4, own.subnet) {
+        let planes = planes(&conf, &own);
+        for p in &planes {
             if flags.ip_masq || flags.iptables_forward_rules {
                 let want = Wanted::new(
-                    pool.network,
-                    lease,
+                    p.scope.network,
+                    p.scope.own,
                     flags.ip_masq,
                     flags.iptables_forward_rules,
                 );
@@ -351,15 +453,9 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
         }
         let watched = Arc::new(std::sync::RwLock::new(Watched::default()));
         let (kick_tx, mut kick_rx) = mpsc::channel(1);
-        if let (Some(p), Some(own_subnet)) = (&conf.v4, own.subnet) {
-            spawn_drift_monitor(
-                watched.clone(),
-                Scope {
-                    network: p.network,
-                    own: own_subnet,
-                },
-                kick_tx,
-            )?;
+        if !planes.is_empty() {
+            let v6 = planes.iter().any(|p| p.v6);
+            spawn_drift_monitor(watched.clone(), v6, kick_tx)?;
         }
         let mut r = Reconciler {
             nl,
@@ -368,7 +464,7 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             own,
             conf,
             peers: PeerSet::default(),
-            applied: None,
+            planes,
             warned: HashMap::new(),
             metrics: metrics.clone(),
             watched,
@@ -408,7 +504,7 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             if !synced {
                 continue;
             }
-            let full = tokio::time::Instant::now() >= full_at || r.applied.is_none();
+            let full = tokio::time::Instant::now() >= full_at || !r.applied_known();
             if !(dirty || full) {
                 continue;
             }

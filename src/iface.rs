@@ -45,10 +45,7 @@ pub enum IfaceError {
 }
 
 fn usable(a: &IpNetwork) -> bool {
-    match a.ip() {
-        IpAddr::V4(v) => !v.is_loopback() && !v.is_link_local(),
-        IpAddr::V6(v) => !v.is_loopback() && (v.segments()[0] & 0xffc0) != 0xfe80,
-    }
+    !a.ip().is_loopback() && !crate::subnet::is_link_local(a.ip())
 }
 
 /// Picks the interface. `want_v4`/`want_v6` say which families need an address.

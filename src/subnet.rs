@@ -75,6 +75,14 @@ pub fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
     a0 <= b1 && b0 <= a1
 }
 
+/// IPv4 169.254/16 or IPv6 fe80::/10: addresses the kernel manages on its own.
+pub fn is_link_local(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v) => v.is_link_local(),
+        IpAddr::V6(v) => (v.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
 /// The first usable address of a subnet (what goes into FLANNEL_SUBNET and on cni0).
 pub fn gateway(n: &IpNetwork) -> IpAddr {
     from_u128(n.ip(), to_u128(n.network()) + 1)

@@ -1,5 +1,7 @@
 //! host-gw: a plain route per peer subnet via the peer's public IP on the underlay.
 
+use std::net::IpAddr;
+
 use crate::dataplane::model::{Dev, Route, State};
 use crate::dataplane::netlink::{Devices, Netlink};
 use crate::iface::ExternalInterface;
@@ -9,18 +11,27 @@ use super::{Backend, Prepared, Skipped};
 
 pub struct HostGw;
 
-/// The host-gw route for a peer, or why there is none.
+/// A peer's subnet and public address in one family.
+pub fn peer_target(lease: &Lease, v6: bool) -> Option<(ipnetwork::IpNetwork, IpAddr)> {
+    if v6 {
+        Some((lease.ipv6_subnet?, IpAddr::V6(lease.public_ipv6?)))
+    } else {
+        Some((lease.subnet?, IpAddr::V4(lease.public_ip?)))
+    }
+}
+
+/// The host-gw route for a peer in one family, or why there is none.
 pub fn peer_route(
     ext: &ExternalInterface,
     lease: &Lease,
+    v6: bool,
 ) -> Result<Option<(ipnetwork::IpNetwork, Route)>, String> {
-    let (Some(subnet), Some(ip)) = (lease.subnet, lease.public_ip) else {
+    let Some((subnet, via)) = peer_target(lease, v6) else {
         return Ok(None);
     };
-    let via = std::net::IpAddr::V4(ip);
     if !ext.on_link(via) {
         return Err(format!(
-            "public IP {ip} is not on-link on {} (host-gw needs all nodes on one L2 network)",
+            "public IP {via} is not on-link on {} (host-gw needs all nodes on one L2 network)",
             ext.name
         ));
     }
@@ -47,6 +58,7 @@ impl Backend for HostGw {
         Ok(Prepared {
             mtu: ext.mtu,
             data: BackendData::HostGw,
+            data_v6: Some(BackendData::HostGw),
         })
     }
 
@@ -59,18 +71,18 @@ impl Backend for HostGw {
         Ok(false)
     }
 
-    fn devices(&self, ext: &ExternalInterface) -> Devices {
+    fn devices(&self, ext: &ExternalInterface, _v6: bool) -> Devices {
         Devices {
             overlay: None,
             underlay: ext.index,
         }
     }
 
-    fn desired(&self, ext: &ExternalInterface, peers: &PeerSet) -> (State, Skipped) {
+    fn desired(&self, ext: &ExternalInterface, peers: &PeerSet, v6: bool) -> (State, Skipped) {
         let mut s = State::default();
         let mut skipped = Vec::new();
         for (name, lease) in peers.accepted() {
-            match peer_route(ext, lease) {
+            match peer_route(ext, lease, v6) {
                 Ok(Some((dst, r))) => {
                     s.routes.insert(dst, r);
                 }

@@ -19,7 +19,10 @@ pub mod vxlan;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prepared {
     pub mtu: u32,
+    /// backend-data: the IPv4 device's (or, IPv6-only, the IPv6 device's).
     pub data: BackendData,
+    /// backend-v6-data, when IPv6 is enabled.
+    pub data_v6: Option<BackendData>,
 }
 
 /// A peer the backend cannot serve, and why (logged once by the daemon).
@@ -45,11 +48,11 @@ pub trait Backend: Send + 'static {
         own: &Lease,
     ) -> impl Future<Output = anyhow::Result<bool>> + Send;
 
-    /// The devices the IPv4 entries live on.
-    fn devices(&self, ext: &ExternalInterface) -> Devices;
+    /// The devices one family's entries live on.
+    fn devices(&self, ext: &ExternalInterface, v6: bool) -> Devices;
 
-    /// Pure: the entries the kernel must hold for `peers`.
-    fn desired(&self, ext: &ExternalInterface, peers: &PeerSet) -> (State, Skipped);
+    /// Pure: the entries of one family the kernel must hold for `peers`.
+    fn desired(&self, ext: &ExternalInterface, peers: &PeerSet, v6: bool) -> (State, Skipped);
 }
 
 /// Which backend the configuration asks for (built once at start).
@@ -62,7 +65,11 @@ pub enum Any {
 impl Any {
     pub fn from_conf(conf: &NetConf) -> Any {
         match &conf.backend {
-            BackendConf::Vxlan(v) => Any::Vxlan(vxlan::Vxlan::new(v.clone())),
+            BackendConf::Vxlan(v) => Any::Vxlan(vxlan::Vxlan::new(
+                v.clone(),
+                conf.v4.is_some(),
+                conf.v6.is_some(),
+            )),
             BackendConf::HostGw => Any::HostGw(hostgw::HostGw),
         }
     }

@@ -1,7 +1,8 @@
-//! vxlan: the `flannel.<VNI>` device and, per peer, upstream's three entries:
-//! route `<subnet> via <subnet addr> dev flannel.1 onlink`, a permanent
-//! neighbour `<subnet addr> lladdr <VtepMAC>`, and an FDB entry
-//! `<VtepMAC> dst <public IP> self permanent`.
+//! vxlan: the `flannel.<VNI>` device (IPv6: `flannel-v6.<VNI>`) and, per peer,
+//! upstream's three entries: route `<subnet> via <subnet addr> dev flannel.1
+//! onlink`, a permanent neighbour `<subnet addr> lladdr <VtepMAC>`, and an FDB
+//! entry `<VtepMAC> dst <public IP> self permanent`. Each family has its own
+//! device, VTEP MAC and entries.
 
 use std::net::IpAddr;
 
@@ -19,31 +20,73 @@ use super::{hostgw, Backend, Prepared, Skipped};
 /// Linux's VXLAN port when none is given (IANA's is 4789; the kernel keeps 8472).
 pub const KERNEL_DEFAULT_PORT: u16 = 8472;
 
-pub struct Vxlan {
-    conf: VxlanConf,
+/// One family's device: what it was created with and what it is now.
+#[derive(Default)]
+struct Device {
     link: Option<Link>,
     spec: Option<VxlanSpec>,
 }
 
+pub struct Vxlan {
+    conf: VxlanConf,
+    v4: bool,
+    v6: bool,
+    dev4: Device,
+    dev6: Device,
+}
+
 impl Vxlan {
-    pub fn new(conf: VxlanConf) -> Vxlan {
+    /// A vxlan backend for the enabled families.
+    pub fn new(conf: VxlanConf, v4: bool, v6: bool) -> Vxlan {
         Vxlan {
             conf,
-            link: None,
-            spec: None,
+            v4,
+            v6,
+            dev4: Device::default(),
+            dev6: Device::default(),
         }
     }
 
-    pub fn device_name(&self) -> String {
-        format!("flannel.{}", self.conf.vni)
+    pub fn device_name(&self, v6: bool) -> String {
+        if v6 {
+            format!("flannel-v6.{}", self.conf.vni)
+        } else {
+            format!("flannel.{}", self.conf.vni)
+        }
     }
 
-    fn spec(&self, ext: &ExternalInterface) -> VxlanSpec {
+    fn families(&self) -> impl Iterator<Item = bool> {
+        [(false, self.v4), (true, self.v6)]
+            .into_iter()
+            .filter_map(|(v6, on)| on.then_some(v6))
+    }
+
+    fn dev(&self, v6: bool) -> &Device {
+        if v6 {
+            &self.dev6
+        } else {
+            &self.dev4
+        }
+    }
+
+    fn dev_mut(&mut self, v6: bool) -> &mut Device {
+        if v6 {
+            &mut self.dev6
+        } else {
+            &mut self.dev4
+        }
+    }
+
+    fn spec(&self, ext: &ExternalInterface, v6: bool) -> VxlanSpec {
         VxlanSpec {
-            name: self.device_name(),
+            name: self.device_name(v6),
             attrs: VxlanAttrs {
                 vni: self.conf.vni,
-                local: ext.iface_addr.map(IpAddr::V4),
+                local: if v6 {
+                    ext.iface_addr6.map(IpAddr::V6)
+                } else {
+                    ext.iface_addr.map(IpAddr::V4)
+                },
                 underlay: Some(ext.index),
                 port: self.conf.port,
                 gbp: self.conf.gbp,
@@ -90,6 +133,103 @@ impl Vxlan {
         );
         Ok((l, true))
     }
+
+    /// Prepares one family's device; returns its MTU and backend data.
+    async fn prepare_one(
+        &mut self,
+        nl: &Netlink,
+        ext: &ExternalInterface,
+        v6: bool,
+    ) -> anyhow::Result<(u32, BackendData)> {
+        let spec = self.spec(ext, v6);
+        if v6 && spec.attrs.local.is_none() {
+            anyhow::bail!("{} has no IPv6 address for {}", ext.name, spec.name);
+        }
+        let (mut link, _) = self.ensure_device(nl, &spec).await?;
+        if let Some(mtu) = self.conf.mtu {
+            if link.mtu != mtu {
+                nl.set_mtu(link.index, mtu).await?;
+                link.mtu = mtu;
+            }
+        }
+        let mac = link
+            .mac
+            .with_context(|| format!("{} has no MAC address", link.name))?;
+        let out = (
+            link.mtu,
+            BackendData::Vxlan(VxlanData {
+                vni: self.conf.vni,
+                vtep_mac: mac,
+            }),
+        );
+        let d = self.dev_mut(v6);
+        d.link = Some(link);
+        d.spec = Some(spec);
+        Ok(out)
+    }
+
+    /// Makes one family's device carry the lease's address; true if re-created.
+    async fn configure_one(
+        &mut self,
+        nl: &Netlink,
+        ext: &ExternalInterface,
+        own: Option<IpNetwork>,
+        v6: bool,
+    ) -> anyhow::Result<bool> {
+        let mut spec = self
+            .dev(v6)
+            .spec
+            .clone()
+            .unwrap_or_else(|| self.spec(ext, v6));
+        // If the device has to be re-created (someone deleted it), it gets its old
+        // MAC back: every peer holds that MAC in its neighbour and FDB tables.
+        if let Some(mac) = self.dev(v6).link.as_ref().and_then(|l| l.mac) {
+            spec.mac = Some(mac);
+        }
+        let (mut link, created) = self.ensure_device(nl, &spec).await?;
+        if let Some(mtu) = self.conf.mtu {
+            if link.mtu != mtu {
+                nl.set_mtu(link.index, mtu).await?;
+            }
+        }
+        if v6 {
+            disable_accept_ra(&link.name);
+        }
+        if let Some(subnet) = own {
+            let want = IpNetwork::new(subnet.network(), if v6 { 128 } else { 32 })?;
+            let have = nl.addresses(link.index).await?;
+            let stale = |a: &IpNetwork| {
+                a.is_ipv6() == v6 && *a != want && !crate::subnet::is_link_local(a.ip())
+            };
+            for a in have.iter().filter(|a| stale(a)) {
+                tracing::info!("removing stale address {a} from {}", link.name);
+                nl.del_address(link.index, *a).await?;
+            }
+            if !have.contains(&want) {
+                nl.add_address(link.index, want).await?;
+            }
+        }
+        if !link.up {
+            nl.set_up(link.index).await?;
+            link.up = true;
+        }
+        let d = self.dev_mut(v6);
+        let changed = created || d.link.as_ref().map(|l| l.index) != Some(link.index);
+        d.link = Some(link);
+        Ok(changed)
+    }
+}
+
+/// Upstream sets accept_ra=0 on the IPv6 device: router advertisements arriving
+/// over the overlay must not configure this node.
+fn disable_accept_ra(dev: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{dev}/accept_ra");
+    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "0") {
+        return;
+    }
+    if let Err(e) = std::fs::write(&path, "0") {
+        tracing::warn!("setting {path} to 0: {e}");
+    }
 }
 
 /// Attributes that must match for an existing device to be reused as is.
@@ -114,12 +254,13 @@ fn random_mac(prefix: &[u8]) -> Mac {
     Mac(m)
 }
 
-/// The vxlan entries for one peer (IPv4). Like upstream, the peer's VNI is not
+/// The vxlan entries for one peer in one family: (subnet, route, neighbour
+/// address, VTEP MAC, FDB destination). Like upstream, the peer's VNI is not
 /// compared: all nodes of a network share the net-conf.
-pub fn peer_entries(lease: &Lease) -> Option<(IpNetwork, Route, IpAddr, Mac, IpAddr)> {
-    let (Some(subnet), Some(ip), BackendData::Vxlan(d)) =
-        (lease.subnet, lease.public_ip, lease.backend)
-    else {
+pub fn peer_entries(lease: &Lease, v6: bool) -> Option<(IpNetwork, Route, IpAddr, Mac, IpAddr)> {
+    let (subnet, dst) = hostgw::peer_target(lease, v6)?;
+    let data = if v6 { lease.backend_v6? } else { lease.backend };
+    let BackendData::Vxlan(d) = data else {
         return None;
     };
     let gw = subnet.network();
@@ -132,7 +273,7 @@ pub fn peer_entries(lease: &Lease) -> Option<(IpNetwork, Route, IpAddr, Mac, IpA
         },
         gw,
         d.vtep_mac,
-        IpAddr::V4(ip),
+        dst,
     ))
 }
 
@@ -142,27 +283,22 @@ impl Backend for Vxlan {
     }
 
     async fn prepare(&mut self, nl: &Netlink, ext: &ExternalInterface) -> anyhow::Result<Prepared> {
-        let spec = self.spec(ext);
-        let (mut link, _) = self.ensure_device(nl, &spec).await?;
-        if let Some(mtu) = self.conf.mtu {
-            if link.mtu != mtu {
-                nl.set_mtu(link.index, mtu).await?;
-                link.mtu = mtu;
+        let mut out: Option<Prepared> = None;
+        for v6 in self.families().collect::<Vec<_>>() {
+            let (mtu, data) = self.prepare_one(nl, ext, v6).await?;
+            match out.as_mut() {
+                // Dual-stack: pods get the IPv4 device's MTU and backend-data, as upstream.
+                Some(p) => p.data_v6 = Some(data),
+                None => {
+                    out = Some(Prepared {
+                        mtu,
+                        data,
+                        data_v6: v6.then_some(data),
+                    })
+                }
             }
         }
-        let mac = link
-            .mac
-            .with_context(|| format!("{} has no MAC address", link.name))?;
-        let prepared = Prepared {
-            mtu: link.mtu,
-            data: BackendData::Vxlan(VxlanData {
-                vni: self.conf.vni,
-                vtep_mac: mac,
-            }),
-        };
-        self.link = Some(link);
-        self.spec = Some(spec);
-        Ok(prepared)
+        out.context("neither IPv4 nor IPv6 is enabled")
     }
 
     async fn configure(
@@ -171,56 +307,32 @@ impl Backend for Vxlan {
         ext: &ExternalInterface,
         own: &Lease,
     ) -> anyhow::Result<bool> {
-        let mut spec = self.spec.clone().unwrap_or_else(|| self.spec(ext));
-        // If the device has to be re-created (someone deleted it), it gets its old
-        // MAC back: every peer holds that MAC in its neighbour and FDB tables.
-        if let Some(mac) = self.link.as_ref().and_then(|l| l.mac) {
-            spec.mac = Some(mac);
+        let mut changed = false;
+        for v6 in self.families().collect::<Vec<_>>() {
+            let subnet = if v6 { own.ipv6_subnet } else { own.subnet };
+            changed |= self.configure_one(nl, ext, subnet, v6).await?;
         }
-        let (mut link, created) = self.ensure_device(nl, &spec).await?;
-        if let Some(mtu) = self.conf.mtu {
-            if link.mtu != mtu {
-                nl.set_mtu(link.index, mtu).await?;
-            }
-        }
-        if let Some(subnet) = own.subnet {
-            let want = IpNetwork::new(subnet.network(), 32)?;
-            let have = nl.addresses(link.index).await?;
-            for a in have.iter().filter(|a| a.is_ipv4() && **a != want) {
-                tracing::info!("removing stale address {a} from {}", link.name);
-                nl.del_address(link.index, *a).await?;
-            }
-            if !have.contains(&want) {
-                nl.add_address(link.index, want).await?;
-            }
-        }
-        if !link.up {
-            nl.set_up(link.index).await?;
-            link.up = true;
-        }
-        let changed = created || self.link.as_ref().map(|l| l.index) != Some(link.index);
-        self.link = Some(link);
         Ok(changed)
     }
 
-    fn devices(&self, ext: &ExternalInterface) -> Devices {
+    fn devices(&self, ext: &ExternalInterface, v6: bool) -> Devices {
         Devices {
-            overlay: self.link.as_ref().map(|l| l.index),
+            overlay: self.dev(v6).link.as_ref().map(|l| l.index),
             underlay: ext.index,
         }
     }
 
-    fn desired(&self, ext: &ExternalInterface, peers: &PeerSet) -> (State, Skipped) {
+    fn desired(&self, ext: &ExternalInterface, peers: &PeerSet, v6: bool) -> (State, Skipped) {
         let mut s = State::default();
         let skipped = Vec::new();
         for lease in peers.accepted().values() {
             if self.conf.direct_routing {
-                if let Ok(Some((dst, r))) = hostgw::peer_route(ext, lease) {
+                if let Ok(Some((dst, r))) = hostgw::peer_route(ext, lease, v6) {
                     s.routes.insert(dst, r);
                     continue;
                 }
             }
-            if let Some((subnet, route, gw, mac, dst)) = peer_entries(lease) {
+            if let Some((subnet, route, gw, mac, dst)) = peer_entries(lease, v6) {
                 s.routes.insert(subnet, route);
                 s.neighs.insert(gw, mac);
                 s.fdb.insert(mac, dst);
@@ -274,8 +386,8 @@ mod tests {
     fn vxlan_entries_have_upstreams_form() {
         let conf =
             NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
-        let b = Vxlan::new(VxlanConf::default());
-        let (s, skipped) = b.desired(&ext(), &peers(&conf));
+        let b = Vxlan::new(VxlanConf::default(), true, false);
+        let (s, skipped) = b.desired(&ext(), &peers(&conf), false);
         assert!(skipped.is_empty());
         let r = s.routes[&"10.244.2.0/24".parse().unwrap()];
         assert_eq!(
@@ -298,16 +410,62 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_entries_use_the_v6_device_data_and_public_ipv6() {
+        let conf = NetConf::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        let dual = |i: u8, ip6: &str| Lease {
+            ipv6_subnet: Some(format!("fd00:10:244:{i}::/64").parse().unwrap()),
+            public_ipv6: Some(ip6.parse().unwrap()),
+            backend_v6: Some(BackendData::Vxlan(VxlanData {
+                vni: 1,
+                vtep_mac: Mac([0x66, 0, 0, 0, 0, i]),
+            })),
+            ..lease(i, &format!("198.18.0.{}", 10 + i))
+        };
+        let own = dual(1, "fd00:198:18::11");
+        let mut p = PeerSet::default();
+        let out = p.upsert("n2", dual(2, "fd00:198:18::12"), &conf, &own);
+        assert!(out.refused.is_empty(), "{out:?}");
+        let b = Vxlan::new(VxlanConf::default(), true, true);
+        let (v4, _) = b.desired(&ext(), &p, false);
+        let (v6, _) = b.desired(&ext(), &p, true);
+        assert_eq!(v4.len(), 3);
+        assert_eq!(
+            v6.routes[&"fd00:10:244:2::/64".parse().unwrap()],
+            Route {
+                via: "fd00:10:244:2::".parse().unwrap(),
+                dev: Dev::Overlay,
+                onlink: true
+            }
+        );
+        let mac6 = Mac([0x66, 0, 0, 0, 0, 2]);
+        assert_eq!(v6.neighs[&"fd00:10:244:2::".parse().unwrap()], mac6);
+        assert_eq!(v6.fdb[&mac6], "fd00:198:18::12".parse::<IpAddr>().unwrap());
+        assert!(!v4.fdb.contains_key(&mac6));
+        // A peer without IPv6 data gets no IPv6 entries.
+        let mut q = PeerSet::default();
+        q.upsert("n3", lease(3, "198.18.0.13"), &conf, &own);
+        assert!(b.desired(&ext(), &q, true).0.is_empty());
+        assert_eq!(b.device_name(true), "flannel-v6.1");
+    }
+
+    #[test]
     fn direct_routing_uses_underlay_for_on_link_peers_only() {
         let conf = NetConf::parse(
             r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
         )
         .unwrap();
-        let b = Vxlan::new(VxlanConf {
-            direct_routing: true,
-            ..Default::default()
-        });
-        let (s, _) = b.desired(&ext(), &peers(&conf));
+        let b = Vxlan::new(
+            VxlanConf {
+                direct_routing: true,
+                ..Default::default()
+            },
+            true,
+            false,
+        );
+        let (s, _) = b.desired(&ext(), &peers(&conf), false);
         assert_eq!(
             s.routes[&"10.244.2.0/24".parse().unwrap()],
             Route {
@@ -351,7 +509,7 @@ mod tests {
             &conf,
             &own,
         );
-        let (s, skipped) = hostgw::HostGw.desired(&ext(), &p);
+        let (s, skipped) = hostgw::HostGw.desired(&ext(), &p, false);
         assert_eq!(s.routes.len(), 1);
         assert_eq!(skipped.len(), 1);
         assert_eq!(skipped[0].0, "far");

@@ -128,13 +128,17 @@ pub async fn keep<F: Firewall>(
     let mut tick = tokio::time::interval(resync);
     loop {
         tick.tick().await;
+        let fam = if want.v6 { "IPv6" } else { "IPv4" };
         match fw.ensure(&want).await {
-            Ok(true) if first => tracing::info!("{} rules installed", fw.name()),
-            Ok(true) => tracing::warn!("{} rules were missing or changed; restored", fw.name()),
+            Ok(true) if first => tracing::info!("{} {fam} rules installed", fw.name()),
+            Ok(true) => tracing::warn!(
+                "{} {fam} rules were missing or changed; restored",
+                fw.name()
+            ),
             Ok(false) => {}
             Err(e) => {
                 metrics.netlink_errors.inc();
-                tracing::error!("{} rules: {e:#}", fw.name());
+                tracing::error!("{} {fam} rules: {e:#}", fw.name());
             }
         }
         first = false;
