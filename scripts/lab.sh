@@ -5,6 +5,8 @@
 #   control    netns <P>cp : eth0 198.18.0.1/16, etcd + kube-apiserver (TLS, token auth, RBAC)
 #   node i     netns <P>n<i>: eth0 198.18.0.<10+i>/16, default via 198.18.0.1, flanneld
 #   pod        netns <P>n<i>-<pod>: eth0 from the real `bridge` CNI plugin + host-local IPAM
+#   --ip dual|6: the LAN also carries IPv6 (cp fd00:198:18::1/64, node i fd00:198:18::<10+i>/64)
+#              and Node i gets the pod CIDR fd00:10:244:<i-1>::/64 (with its IPv4 one, or alone)
 #
 # Nothing is created in the machine's own network namespace: every `ip` call
 # names its namespace. Every wait is bounded. `down` ends only the processes
@@ -12,11 +14,13 @@
 #
 # usage: lab.sh <command> <lab> [args]
 #   up <lab> [--nodes N] [--mode kube|etcd] [--net-conf JSON] [--no-nodes-in-api] [--pod-base A.B]
+#            [--ip 4|dual|6]
 #   node-add <lab> <i> [--no-api]        add node namespace i (and its Node object)
 #   node-object <lab> <i>                create Node object node<i> (podCIDR 10.244.<i-1>.0/24)
 #   flannel-start <lab> <i> [flanneld args...]
 #   flannel-stop <lab> <i> [TERM|KILL]
-#   pod-add <lab> <i> <pod>              prints the pod's IP
+#   pod-add <lab> <i> <pod>              prints the pod's IP (IPv4 if it has one)
+#   pod-ip <lab> <i> <pod> 4|6           the pod's address in one family
 #   ping <lab> <from-pod> <ip> [count] [interval]
 #   dump <lab> <i>                       routes, neighbours, FDB, flannel device, subnet.env
 #   kubectl <lab> [args...]              as cluster admin
@@ -57,6 +61,11 @@ ipv4_network() { # 10.244.1.1/24 -> 10.244.1.0/24
 }
 in_ns() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
 node_ip() { echo "198.18.0.$((10 + $1))"; }
+CP_IP6=fd00:198:18::1
+node_ip6() { echo "fd00:198:18::$((10 + $1))"; }
+ipfam() { cat "$DIR/ip" 2>/dev/null || echo 4; }
+has_v4() { [ "$(ipfam)" != 6 ]; }
+has_v6() { [ "$(ipfam)" != 4 ]; }
 
 # wait_for <seconds> <description> <command...>: bounded poll.
 wait_for() {
@@ -139,15 +148,17 @@ make_lan() {
   ip -n "$(ns lan)" link set br0 up
 }
 
-attach() { # attach <ns-suffix> <port-name> <ip/len> [gw]
-  local n=$1 port=$2 addr=$3 gw=${4:-}
+attach() { # attach <ns-suffix> <port-name> <ip/len> [gw] [ip6/len] [gw6]
+  local n=$1 port=$2 addr=$3 gw=${4:-} addr6=${5:-} gw6=${6:-}
   ip netns add "$(ns "$n")"
   ip -n "$(ns "$n")" link set lo up
   ip -n "$(ns lan)" link add "$port" type veth peer name eth0 netns "$(ns "$n")"
   ip -n "$(ns lan)" link set "$port" master br0 up
   ip -n "$(ns "$n")" addr add "$addr" dev eth0
+  [ -z "$addr6" ] || ip -n "$(ns "$n")" addr add "$addr6" dev eth0 nodad
   ip -n "$(ns "$n")" link set eth0 up
   [ -z "$gw" ] || ip -n "$(ns "$n")" route add default via "$gw"
+  [ -z "$gw6" ] || ip -n "$(ns "$n")" -6 route add default via "$gw6"
 }
 
 start_etcd() {
@@ -184,7 +195,7 @@ etcd_tls() {
 
 up_control_plane() {
   make_certs
-  attach cp cp "$CP_IP/16"
+  if has_v6; then attach cp cp "$CP_IP/16" "" "$CP_IP6/64"; else attach cp cp "$CP_IP/16"; fi
   start_etcd
   [ "${MODE:-kube}" = kube ] || return 0
   [ -x "$KUBE_APISERVER" ] || die "$KUBE_APISERVER missing: run scripts/install-deps.sh"
@@ -196,6 +207,7 @@ up_control_plane() {
     --service-account-issuer https://kubernetes.default.svc \
     --service-account-key-file "$DIR/pki/sa.pub" --service-account-signing-key-file "$DIR/pki/sa.key" \
     --service-cluster-ip-range 10.96.0.0/16 --allow-privileged=true \
+    --feature-gates IPv6DualStack=true \
     --enable-priority-and-fairness=false --profiling=false --logtostderr=true --v=0
   wait_for 90 "kube-apiserver" kubectl_ get --raw /readyz
   wait_for 30 "RBAC bootstrap" kubectl_ get clusterrole cluster-admin
@@ -204,6 +216,11 @@ up_control_plane() {
 
 node_object() {
   local i=$1 base; base=$(cat "$DIR/pod-base" 2>/dev/null || echo 10.244)
+  local cidrs=() v6; v6="fd00:10:244:$(printf %x $((i - 1)))::/64"
+  [ "$i" != 1 ] || v6="fd00:10:244::/64"
+  has_v4 && cidrs+=("$base.$((i - 1)).0/24")
+  has_v6 && cidrs+=("$v6")
+  local list; list=$(IFS=,; echo "${cidrs[*]}")
   kubectl_ create -f - >/dev/null <<N
 apiVersion: v1
 kind: Node
@@ -211,14 +228,19 @@ metadata:
   name: node$i
   labels: {kubernetes.io/os: linux, kubernetes.io/hostname: node$i}
 spec:
-  podCIDR: $base.$((i - 1)).0/24
-  podCIDRs: [$base.$((i - 1)).0/24]
+  podCIDR: ${cidrs[0]}
+  podCIDRs: [$list]
 N
 }
 
 node_add() {
   local i=$1 api=${2:-yes}
-  attach "n$i" "v$i" "$(node_ip "$i")/16" "$CP_IP"
+  if has_v6; then
+    attach "n$i" "v$i" "$(node_ip "$i")/16" "$CP_IP" "$(node_ip6 "$i")/64" "$CP_IP6"
+    in_ns "n$i" sysctl -qw net.ipv6.conf.all.forwarding=1
+  else
+    attach "n$i" "v$i" "$(node_ip "$i")/16" "$CP_IP"
+  fi
   in_ns "n$i" sysctl -qw net.ipv4.ip_forward=1
   mkdir -p "$DIR/n$i"
   if [ "$api" = yes ] && [ -f "$DIR/apiserver.pid" ]; then node_object "$i"; fi
@@ -235,6 +257,7 @@ cmd_up() {
       --net-conf) NETCONF=$2; shift 2;;
       --no-nodes-in-api) api=no; shift;;
       --pod-base) echo "$2" >"$DIR/pod-base"; shift 2;;
+      --ip) case $2 in 4) echo 4;; dual) echo 46;; 6) echo 6;; *) die "--ip 4|dual|6";; esac >"$DIR/ip"; shift 2;;
       *) die "up: unknown option $1";;
     esac
   done
@@ -273,45 +296,66 @@ cmd_pod_add() {
   local i=$1 pod=$2
   local env="$DIR/n$i/subnet.env"
   wait_for 30 "$env" test -s "$env"
+  local FLANNEL_NETWORK="" FLANNEL_SUBNET="" FLANNEL_IPV6_NETWORK="" FLANNEL_IPV6_SUBNET=""
   # shellcheck disable=SC1090
   . "$env"
   local podns; podns=$(ns "n$i-$pod")
   ip netns add "$podns"
   ip -n "$podns" link set lo up
-  local netaddr; netaddr=$(ipv4_network "$FLANNEL_SUBNET")
   local ipmasq=true; [ "${FLANNEL_IPMASQ:-false}" = true ] && ipmasq=false
-  # The configuration the flannel CNI plugin hands to `bridge`.
+  # The configuration the flannel CNI plugin hands to `bridge`: one range and
+  # one route per family that subnet.env carries.
+  local ranges=() routes=()
+  if [ -n "$FLANNEL_SUBNET" ]; then
+    ranges+=("[{\"subnet\":\"$(ipv4_network "$FLANNEL_SUBNET")\"}]")
+    routes+=("{\"dst\":\"$FLANNEL_NETWORK\"}")
+  fi
+  if [ -n "$FLANNEL_IPV6_SUBNET" ]; then
+    ranges+=("[{\"subnet\":\"${FLANNEL_IPV6_SUBNET%%::*}::/${FLANNEL_IPV6_SUBNET#*/}\"}]")
+    routes+=("{\"dst\":\"$FLANNEL_IPV6_NETWORK\"}")
+  fi
   local conf
   conf=$(cat <<C
 {"cniVersion":"0.3.1","name":"cbr0","type":"bridge","bridge":"cni0","isGateway":true,
  "isDefaultGateway":true,"hairpinMode":true,"ipMasq":$ipmasq,"mtu":$FLANNEL_MTU,
  "ipam":{"type":"host-local","dataDir":"$DIR/n$i/ipam",
-   "ranges":[[{"subnet":"$netaddr"}]],"routes":[{"dst":"$FLANNEL_NETWORK"}]}}
+   "ranges":[$(IFS=,; echo "${ranges[*]}")],"routes":[$(IFS=,; echo "${routes[*]}")]}}
 C
 )
   local out
   out=$(echo "$conf" | ip netns exec "$(ns "n$i")" env CNI_COMMAND=ADD CNI_CONTAINERID="$pod" \
     CNI_NETNS="/run/netns/$podns" CNI_IFNAME=eth0 CNI_PATH="$CNI_PATH" "$CNI_PATH/bridge") \
     || die "bridge plugin failed: $out"
-  local ip; ip=$(echo "$out" | jq -r '.ips[0].address' | cut -d/ -f1)
-  [ -n "$ip" ] && [ "$ip" != null ] || die "no IP in CNI result: $out"
-  echo "$ip" >"$DIR/n$i/pod-$pod.ip"
-  echo "$ip"
+  local ip4 ip6
+  ip4=$(echo "$out" | jq -r '[.ips[].address | select(contains(".")) | split("/")[0]][0] // empty')
+  ip6=$(echo "$out" | jq -r '[.ips[].address | select(contains(":")) | split("/")[0]][0] // empty')
+  [ -n "$ip4$ip6" ] || die "no IP in CNI result: $out"
+  [ -z "$ip4" ] || echo "$ip4" >"$DIR/n$i/pod-$pod.ip"
+  [ -z "$ip6" ] || echo "$ip6" >"$DIR/n$i/pod-$pod.ip6"
+  echo "${ip4:-$ip6}"
+}
+
+cmd_pod_ip() {
+  local i=$1 pod=$2 fam=$3 f
+  case $fam in 4) f="$DIR/n$i/pod-$pod.ip";; 6) f="$DIR/n$i/pod-$pod.ip6";; *) die "pod-ip: 4 or 6";; esac
+  [ -s "$f" ] || die "pod $pod on node $i has no IPv$fam address"
+  cat "$f"
 }
 
 cmd_dump() {
-  local i=$1 n; n=$(ns "n$i")
-  local dev; dev=$(ip -n "$n" -o link show type vxlan 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | head -n1)
+  local i=$1 n dev; n=$(ns "n$i")
+  local devs; devs=$(ip -n "$n" -o link show type vxlan 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1)
   echo "== node$i ($(node_ip "$i"))"
-  if [ -n "$dev" ]; then
+  for dev in $devs; do
     echo "-- ip -d link show $dev"; ip -n "$n" -d link show "$dev"
-    echo "-- ip addr show $dev"; ip -n "$n" -4 addr show "$dev"
-  fi
+    echo "-- ip addr show $dev"; ip -n "$n" addr show "$dev" | grep -v 'scope link'
+  done
   echo "-- ip route"; ip -n "$n" route
-  if [ -n "$dev" ]; then
+  if has_v6; then echo "-- ip -6 route"; ip -n "$n" -6 route; fi
+  for dev in $devs; do
     echo "-- ip neigh show dev $dev"; ip -n "$n" neigh show dev "$dev"
     echo "-- bridge fdb show dev $dev"; ip netns exec "$n" bridge fdb show dev "$dev"
-  fi
+  done
   echo "-- cat subnet.env"; cat "$DIR/n$i/subnet.env" 2>/dev/null || echo "(none)"
 }
 
@@ -338,6 +382,7 @@ case $cmd in
   flannel-start) cmd_flannel_start "$@";;
   flannel-stop) stop_pid "$DIR/n$1/flanneld.pid" "${2:-TERM}";;
   pod-add) cmd_pod_add "$@";;
+  pod-ip) cmd_pod_ip "$@";;
   ping) podfrom=$1; ip=$2; count=${3:-3}; interval=${4:-0.2}
         n=$(ip netns list | awk '{print $1}' | grep -- "-${podfrom}$" | grep "^${P}" | head -n1)
         [ -n "$n" ] || die "no pod $podfrom"

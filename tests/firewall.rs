@@ -40,7 +40,7 @@ fn iptables_masquerade_and_forward_rules() {
     lab.start_flannel(1, &["--ip-masq"]);
     lab.start_flannel(2, &["--ip-masq"]);
     wait_until(Duration::from_secs(30), "rules installed", || {
-        lab.flannel_log(1).contains("iptables rules installed")
+        lab.flannel_log(1).contains("iptables IPv4 rules installed")
     });
     assert_eq!(
         flannel_lines(&lab.exec("n1", &["iptables-save"])),
@@ -103,7 +103,7 @@ fn nftables_mode() {
     lab.start_flannel(1, &["--ip-masq"]);
     lab.start_flannel(2, &["--ip-masq"]);
     wait_until(Duration::from_secs(30), "rules installed", || {
-        lab.flannel_log(1).contains("nftables rules installed")
+        lab.flannel_log(1).contains("nftables IPv4 rules installed")
     });
     let table = lab.exec("n1", &["nft", "list", "table", "ip", "flannel-ipv4"]);
     for want in [

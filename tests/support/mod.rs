@@ -116,6 +116,25 @@ impl Lab {
             .to_string()
     }
 
+    /// A pod's address in one family (4 or 6), as its CNI result gave it.
+    pub fn pod_ip(&self, node: u32, pod: &str, family: u8) -> String {
+        self.sh("pod-ip", &[&node.to_string(), pod, &family.to_string()])
+            .trim()
+            .to_string()
+    }
+
+    /// Waits (bounded) until one ping gets through — the first IPv6 packets wait
+    /// for neighbour discovery — then requires `count` pings without loss.
+    pub fn reaches(&self, from_pod: &str, ip: &str, count: u32) -> bool {
+        let end = Instant::now() + Duration::from_secs(20);
+        while !self.ping(from_pod, ip, 1, "0.2") {
+            if Instant::now() > end {
+                return false;
+            }
+        }
+        self.ping(from_pod, ip, count, "0.2")
+    }
+
     /// `count` pings at `interval` seconds; true if all answered.
     pub fn ping(&self, from_pod: &str, ip: &str, count: u32, interval: &str) -> bool {
         self.try_sh("ping", &[from_pod, ip, &count.to_string(), interval])
@@ -161,15 +180,15 @@ impl Lab {
     /// Lines of `ip route` / `ip neigh` / `bridge fdb` on flannel.1 in node `n`;
     /// empty while the device does not exist (yet).
     pub fn routes(&self, node: u32) -> Vec<String> {
-        self.on_flannel1(node, &["ip", "route", "show", "dev", "flannel.1"])
+        self.on_device(node, &["ip", "route", "show", "dev", "flannel.1"])
     }
     pub fn neighs(&self, node: u32) -> Vec<String> {
-        self.on_flannel1(node, &["ip", "neigh", "show", "dev", "flannel.1"])
+        self.on_device(node, &["ip", "neigh", "show", "dev", "flannel.1"])
     }
     pub fn fdb(&self, node: u32) -> Vec<String> {
-        self.on_flannel1(node, &["bridge", "fdb", "show", "dev", "flannel.1"])
+        self.on_device(node, &["bridge", "fdb", "show", "dev", "flannel.1"])
     }
-    fn on_flannel1(&self, node: u32, cmd: &[&str]) -> Vec<String> {
+    pub fn on_device(&self, node: u32, cmd: &[&str]) -> Vec<String> {
         let ns = format!("n{node}");
         let mut a = vec![ns.as_str()];
         a.extend_from_slice(cmd);
