@@ -390,9 +390,10 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             .prepare(&nl, &ext)
             .await
             .with_context(|| format!("preparing the {} backend", backend.type_name()))?;
+        // Only the enabled families' addresses are published (upstream leaves the others empty).
         let req = LeaseRequest {
-            public_ip: ext.public_ip,
-            public_ipv6: ext.public_ipv6,
+            public_ip: ext.public_ip.filter(|_| conf.v4.is_some()),
+            public_ipv6: ext.public_ipv6.filter(|_| conf.v6.is_some()),
             data: prepared.data,
             data_v6: prepared.data_v6.filter(|_| conf.v6.is_some()),
         };

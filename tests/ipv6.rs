@@ -322,3 +322,90 @@ fn ipv6_only_vxlan() {
     }
     mesh(&lab, 2, &[6]);
 }
+
+/// `KEY=VALUE` from a node's subnet.env.
+fn env_value(lab: &Lab, n: u32, key: &str) -> String {
+    lab.subnet_env(n)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")).map(String::from))
+        .unwrap_or_default()
+}
+
+/// `10.244.7.1/24` → `10.244.7.0-24`; `fd00:10:244:3a::1/64` → `fd00:10:244:3a::-64`.
+fn key_part(gw: &str) -> String {
+    let (ip, len) = gw.split_once('/').unwrap();
+    let net = if ip.contains(':') {
+        format!("{}::", ip.trim_end_matches("::1"))
+    } else {
+        format!("{}.0", ip.rsplit_once('.').unwrap().0)
+    };
+    format!("{net}-{len}")
+}
+
+#[test]
+fn dual_stack_with_etcd_manager() {
+    if !root_or_skip("dual_stack_with_etcd_manager") {
+        return;
+    }
+    let lab = Lab::up(
+        "v6etcd",
+        &[
+            "--mode",
+            "etcd",
+            "--nodes",
+            "3",
+            "--ip",
+            "dual",
+            "--net-conf",
+            DUAL_VXLAN,
+        ],
+    );
+    for n in 1..=3 {
+        lab.start_flannel(n, &[]);
+    }
+    for n in 1..=3 {
+        wait_until(Duration::from_secs(30), "IPv4 and IPv6 entries", || {
+            lab.routes(n).len() == 2 && v6dev(&lab, n, &["bridge", "fdb", "show"]).len() == 2
+        });
+    }
+    for n in 1..=3 {
+        // One key per node naming both subnets, upstream's value, bound to a lease.
+        let v4 = env_value(&lab, n, "FLANNEL_SUBNET");
+        let v6 = env_value(&lab, n, "FLANNEL_IPV6_SUBNET");
+        assert!(
+            v6.starts_with("fd00:10:244:") && v6.ends_with("::1/64"),
+            "{v6}"
+        );
+        let key = format!(
+            "/coreos.com/network/subnets/{}&{}",
+            key_part(&v4),
+            key_part(&v6)
+        );
+        let json = lab.sh("etcdctl", &["get", &key, "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(
+            v["kvs"][0]["lease"].as_i64().unwrap_or(0) != 0,
+            "{key}: {json}"
+        );
+        let value = lab.sh("etcdctl", &["get", &key, "--print-value-only"]);
+        let want = format!(
+            r#"{{"PublicIP":"198.18.0.{}","PublicIPv6":"{}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}},"BackendV6Data":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+            10 + n,
+            node_ip6(n),
+            mac_of(&lab, n, "flannel.1"),
+            mac_of(&lab, n, "flannel-v6.1")
+        );
+        assert_eq!(value.trim(), want);
+    }
+    mesh(&lab, 3, &[4, 6]);
+
+    // A restarted agent keeps both subnets.
+    let before = lab.subnet_env(2);
+    lab.stop_flannel(2, "TERM");
+    lab.start_flannel(2, &[]);
+    wait_until(Duration::from_secs(30), "the restarted agent", || {
+        lab.flannel_log(2).matches("wrote ").count() >= 2
+    });
+    assert_eq!(lab.subnet_env(2), before);
+    assert!(lab.reaches("p1", &lab.pod_ip(2, "p2", 6), 3));
+}

@@ -84,25 +84,26 @@ pub fn parse_key_name(name: &str) -> Option<(Option<IpNetwork>, Option<IpNetwork
 }
 
 /// Upstream's lease value: `{"PublicIP":…,"PublicIPv6":…,"BackendType":…,"BackendData":…}`.
-pub fn lease_value(
-    public_ip: Option<Ipv4Addr>,
-    public_ipv6: Option<Ipv6Addr>,
-    data: &BackendData,
-    data_v6: Option<&BackendData>,
-) -> String {
-    let ip = public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
-    let ip6 = public_ipv6
+/// `BackendData` belongs to the IPv4 side: an IPv6-only lease carries only
+/// `BackendV6Data`, as upstream writes it.
+pub fn lease_value(req: &LeaseRequest, v4: bool) -> String {
+    let ip = req
+        .public_ip
+        .filter(|_| v4)
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let ip6 = req
+        .public_ipv6
         .map(|a| format!("\"{a}\""))
         .unwrap_or_else(|| "null".into());
     let mut s = format!(
         r#"{{"PublicIP":"{ip}","PublicIPv6":{ip6},"BackendType":"{}""#,
-        data.type_name()
+        req.data.type_name()
     );
     // host-gw has no backend data; upstream omits the empty field.
-    if let BackendData::Vxlan(_) = data {
-        s.push_str(&format!(r#","BackendData":{}"#, data.to_json()));
+    if let (true, BackendData::Vxlan(_)) = (v4, req.data) {
+        s.push_str(&format!(r#","BackendData":{}"#, req.data.to_json()));
     }
-    if let Some(d @ BackendData::Vxlan(_)) = data_v6 {
+    if let Some(d @ BackendData::Vxlan(_)) = req.data_v6 {
         s.push_str(&format!(r#","BackendV6Data":{}"#, d.to_json()));
     }
     s.push('}');
@@ -125,7 +126,16 @@ pub fn parse_lease(name: &str, value: &[u8]) -> PeerRead {
             .map(|d| d.to_string())
             .unwrap_or_else(|| "null".into())
     };
-    let backend = BackendData::parse(ty, &data_text("BackendData"))?;
+    let backend_v6 = match (v6, field("BackendV6Data")) {
+        (Some(_), Some(_)) => Some(BackendData::parse(ty, &data_text("BackendV6Data"))?),
+        _ => None,
+    };
+    // An IPv6-only lease has no BackendData: its IPv6 data stands for it.
+    let backend = match (field("BackendData"), backend_v6) {
+        (None, Some(d)) if v4.is_none() => d,
+        _ => BackendData::parse(ty, &data_text("BackendData"))?,
+    };
+    let backend_v6 = backend_v6.or(v6.map(|_| backend));
     let public_ip = match field("PublicIP").and_then(Value::as_str) {
         Some(s) => Some(
             s.parse::<Ipv4Addr>()
@@ -139,10 +149,6 @@ pub fn parse_lease(name: &str, value: &[u8]) -> PeerRead {
                 .map_err(|_| format!("PublicIPv6 {s:?} is not an IPv6 address"))?,
         ),
         None => None,
-    };
-    let backend_v6 = match field("BackendV6Data") {
-        Some(_) => Some(BackendData::parse(ty, &data_text("BackendV6Data"))?),
-        None => v6.map(|_| backend),
     };
     Ok(Some(Lease {
         subnet: v4,
@@ -276,55 +282,60 @@ impl EtcdManager {
         conf: &NetConf,
         req: &LeaseRequest,
     ) -> anyhow::Result<Option<(Lease, Own)>> {
-        let pool = conf
-            .v4
-            .as_ref()
-            .context("the etcd manager needs an IPv4 Network")?;
-        let range = pool.range();
-        let value = lease_value(
-            req.public_ip,
-            req.public_ipv6,
-            &req.data,
-            req.data_v6.as_ref(),
-        );
-        let fits = |n: &IpNetwork| range.holds(n);
+        let (pool4, pool6) = (conf.v4.as_ref(), conf.v6.as_ref());
+        if pool4.is_none() && pool6.is_none() {
+            bail!("the network configuration enables neither IPv4 nor IPv6");
+        }
+        let value = lease_value(req, pool4.is_some());
+        // Both enabled families present and inside SubnetMin..SubnetMax; no other family.
+        let fits = |v4: Option<IpNetwork>, v6: Option<IpNetwork>| {
+            let one = |n: Option<IpNetwork>, p: Option<&crate::config::netconf::Pool>| match p {
+                Some(p) => n.is_some_and(|n| p.range().holds(&n)),
+                None => n.is_none(),
+            };
+            one(v4, pool4) && one(v6, pool6)
+        };
         let (items, _) = self.read_all().await?;
         let mut c = self.client.clone();
-        let lease_of = |n: IpNetwork| Lease {
-            subnet: Some(n),
-            ipv6_subnet: None,
+        let lease_of = |v4: Option<IpNetwork>, v6: Option<IpNetwork>| Lease {
+            subnet: v4,
+            ipv6_subnet: v6,
             public_ip: req.public_ip,
             public_ipv6: req.public_ipv6,
             backend: req.data,
             backend_v6: req.data_v6,
         };
-        // (1) A lease that already carries our PublicIP.
+        // (1) A lease that already carries our public address (IPv4, or IPv6 when IPv4 is off).
+        let ours = |l: &Lease| {
+            if pool4.is_some() {
+                req.public_ip.is_some() && l.public_ip == req.public_ip
+            } else {
+                req.public_ipv6.is_some() && l.public_ipv6 == req.public_ipv6
+            }
+        };
         for (name, val, lease_id) in &items {
             let Ok(Some(l)) = parse_lease(name, val) else {
                 continue;
             };
-            if l.public_ip != req.public_ip || req.public_ip.is_none() {
+            if !ours(&l) {
                 continue;
             }
-            let Some(n) = l.subnet else { continue };
             let key = format!("{}{name}", self.subnets_prefix());
-            if !fits(&n) {
+            if !fits(l.subnet, l.ipv6_subnet) {
                 tracing::info!(
                     "deleting our old lease {name}: it does not fit the network configuration"
                 );
                 c.delete(key, None).await?;
                 continue;
             }
+            let (v4, v6) = (l.subnet, l.ipv6_subnet);
             if *lease_id == 0 {
                 // A reservation: permanent; keep it without a lease, refresh the value.
-                tracing::info!(
-                    "using the reservation {name} for {}",
-                    req.public_ip.map(|i| i.to_string()).unwrap_or_default()
-                );
+                tracing::info!("using the reservation {name} for this node");
                 if val.as_slice() != value.as_bytes() {
                     c.put(key.clone(), value.clone(), None).await?;
                 }
-                return Ok(Some((lease_of(n), Own { key, lease_id: 0 })));
+                return Ok(Some((lease_of(v4, v6), Own { key, lease_id: 0 })));
             }
             let new_lease = c.lease_grant(LEASE_TTL.as_secs() as i64, None).await?.id();
             let txn = Txn::new()
@@ -342,7 +353,7 @@ impl EtcdManager {
                 let _ = c.lease_revoke(*lease_id).await;
                 tracing::info!("reusing our lease {name}");
                 return Ok(Some((
-                    lease_of(n),
+                    lease_of(v4, v6),
                     Own {
                         key,
                         lease_id: new_lease,
@@ -354,54 +365,60 @@ impl EtcdManager {
         }
         let taken: Vec<IpNetwork> = items
             .iter()
-            .filter_map(|(n, _, _)| parse_key_name(n).and_then(|(v4, _)| v4))
+            .filter_map(|(n, _, _)| parse_key_name(n))
+            .flat_map(|(v4, v6)| v4.into_iter().chain(v6))
             .collect();
         let free = |n: &IpNetwork| !taken.iter().any(|t| subnet::overlaps(t, n));
-        // (2) The subnet from the previous subnet.env.
-        if let Ok(Some(SubnetEnv {
-            subnet: Some(prev), ..
-        })) = SubnetEnv::read(&self.s.subnet_file)
-        {
-            if fits(&prev) && free(&prev) {
-                let name = key_name(Some(prev), None);
-                if let Some(id) = self.create(&name, &value).await? {
-                    tracing::info!("re-acquired the previous subnet {prev}");
-                    return Ok(Some((
-                        lease_of(prev),
+        let free_opt = |n: Option<IpNetwork>| n.is_none_or(|n| free(&n));
+        let claim = |v4: Option<IpNetwork>, v6: Option<IpNetwork>| {
+            let name = key_name(v4, v6);
+            let value = value.clone();
+            async move {
+                let id = self.create(&name, &value).await?;
+                anyhow::Ok(id.map(|id| {
+                    (
+                        lease_of(v4, v6),
                         Own {
                             key: format!("{}{name}", self.subnets_prefix()),
                             lease_id: id,
                         },
-                    )));
+                    )
+                }))
+            }
+        };
+        // (2) The subnets from the previous subnet.env.
+        if let Ok(Some(prev)) = SubnetEnv::read(&self.s.subnet_file) {
+            let v4 = prev.subnet.filter(|_| pool4.is_some());
+            let v6 = prev.ipv6_subnet.filter(|_| pool6.is_some());
+            if fits(v4, v6) && free_opt(v4) && free_opt(v6) {
+                let got = claim(v4, v6).await?;
+                if got.is_some() {
+                    tracing::info!("re-acquired the previous subnet {}", key_name(v4, v6));
                 }
-                return Ok(None);
+                return Ok(got);
             }
         }
-        // (3) A random one of the first free subnets.
-        let candidates: Vec<IpNetwork> = range
-            .iter()
-            .filter(|n| free(n))
-            .take(FREE_CANDIDATES)
-            .collect();
-        let Some(pick) = candidates.choose(&mut rand::rng()).copied() else {
-            bail!(
-                "no free subnet left in {} (SubnetMin {}, SubnetMax {})",
-                pool.network,
-                pool.subnet_min,
-                pool.subnet_max
-            );
+        // (3) A random one of the first free subnets, per family.
+        let pick = |p: Option<&crate::config::netconf::Pool>| -> anyhow::Result<Option<IpNetwork>> {
+            let Some(p) = p else { return Ok(None) };
+            let candidates: Vec<IpNetwork> = p
+                .range()
+                .iter()
+                .filter(|n| free(n))
+                .take(FREE_CANDIDATES)
+                .collect();
+            match candidates.choose(&mut rand::rng()) {
+                Some(n) => Ok(Some(*n)),
+                None => bail!(
+                    "no free subnet left in {} (SubnetMin {}, SubnetMax {})",
+                    p.network,
+                    p.subnet_min,
+                    p.subnet_max
+                ),
+            }
         };
-        let name = key_name(Some(pick), None);
-        match self.create(&name, &value).await? {
-            Some(id) => Ok(Some((
-                lease_of(pick),
-                Own {
-                    key: format!("{}{name}", self.subnets_prefix()),
-                    lease_id: id,
-                },
-            ))),
-            None => Ok(None),
-        }
+        let (v4, v6) = (pick(pool4)?, pick(pool6)?);
+        claim(v4, v6).await
     }
 
     /// Puts our key back after it vanished (expired, deleted by hand).
@@ -411,12 +428,8 @@ impl EtcdManager {
             .strip_prefix(&self.subnets_prefix())
             .unwrap_or(&own.key)
             .to_string();
-        let value = lease_value(
-            req.public_ip,
-            req.public_ipv6,
-            &req.data,
-            req.data_v6.as_ref(),
-        );
+        let v4 = parse_key_name(&name).is_some_and(|(v4, _)| v4.is_some());
+        let value = lease_value(req, v4);
         match self.create(&name, &value).await? {
             Some(id) => Ok(Own {
                 key: own.key.clone(),
@@ -653,23 +666,53 @@ mod tests {
             vni: 1,
             vtep_mac: "2e:b8:0a:81:03:b7".parse::<Mac>().unwrap(),
         });
+        let req = |data: BackendData, data_v6: Option<BackendData>| LeaseRequest {
+            public_ip: Some("198.18.0.11".parse().unwrap()),
+            public_ipv6: data_v6.map(|_| "fd00:198:18::11".parse().unwrap()),
+            data,
+            data_v6,
+        };
         assert_eq!(
-            lease_value(Some("198.18.0.11".parse().unwrap()), None, &d, None),
+            lease_value(&req(d, None), true),
             r#"{"PublicIP":"198.18.0.11","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"2e:b8:0a:81:03:b7"}}"#
         );
         assert_eq!(
-            lease_value(
-                Some("198.18.0.11".parse().unwrap()),
-                None,
-                &BackendData::HostGw,
-                None
-            ),
+            lease_value(&req(BackendData::HostGw, None), true),
             r#"{"PublicIP":"198.18.0.11","PublicIPv6":null,"BackendType":"host-gw"}"#
         );
-        let v = lease_value(Some("198.18.0.11".parse().unwrap()), None, &d, None);
+        let v = lease_value(&req(d, None), true);
         let l = parse_lease("10.244.1.0-24", v.as_bytes()).unwrap().unwrap();
         assert_eq!(l.public_ip, Some("198.18.0.11".parse().unwrap()));
         assert_eq!(l.backend, d);
+
+        // Dual stack: both data fields; the key names both subnets.
+        let d6 = BackendData::Vxlan(VxlanData {
+            vni: 1,
+            vtep_mac: "66:00:00:00:00:02".parse::<Mac>().unwrap(),
+        });
+        let v = lease_value(&req(d, Some(d6)), true);
+        assert_eq!(
+            v,
+            r#"{"PublicIP":"198.18.0.11","PublicIPv6":"fd00:198:18::11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"2e:b8:0a:81:03:b7"},"BackendV6Data":{"VNI":1,"VtepMAC":"66:00:00:00:00:02"}}"#
+        );
+        let l = parse_lease("10.244.1.0-24&fd00:10:244:1::-64", v.as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (l.backend, l.backend_v6, l.ipv6_subnet),
+            (d, Some(d6), Some("fd00:10:244:1::/64".parse().unwrap()))
+        );
+
+        // IPv6 only: upstream writes no BackendData and a zero PublicIP.
+        let v = lease_value(&req(d6, Some(d6)), false);
+        assert_eq!(
+            v,
+            r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::11","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"66:00:00:00:00:02"}}"#
+        );
+        let l = parse_lease("fd00:10:244:1::-64", v.as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!((l.subnet, l.backend, l.backend_v6), (None, d6, Some(d6)));
     }
 
     #[test]
