@@ -8,7 +8,7 @@ use support::*;
 
 const DUAL_VXLAN: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
 const DUAL_HOSTGW: &str = r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"host-gw"}}"#;
-const V6_ONLY_VXLAN: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#;
+const V6_ONLY_VXLAN: &str = r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
 
 /// The IPv6 pod subnet the lab gives node `n`.
 fn subnet6(n: u32) -> String {
@@ -321,6 +321,19 @@ fn ipv6_only_vxlan() {
         assert_eq!(a["flannel.alpha.coreos.com/public-ipv6"], node_ip6(n));
     }
     mesh(&lab, 2, &[6]);
+    // nftables mode: only the IPv6 table, with upstream's rules; masquerade works
+    // (the control plane has no route back to pods).
+    let tables = lab.exec("n1", &["nft", "list", "tables"]);
+    assert_eq!(lines(&tables), vec!["table ip6 flannel-ipv6".to_string()]);
+    let t = lab.exec("n1", &["nft", "list", "table", "ip6", "flannel-ipv6"]);
+    assert!(
+        t.contains("ip6 saddr fd00:10:244::/56 ip6 daddr != ff00::/8 masquerade fully-random comment \"flanneld masq\""),
+        "{t}"
+    );
+    assert!(
+        lab.reaches("p1", "fd00:198:18::1", 2),
+        "pod -> LAN over IPv6"
+    );
 }
 
 /// `KEY=VALUE` from a node's subnet.env.
