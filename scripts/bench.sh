@@ -16,7 +16,8 @@ cargo build --release --locked --bins --example populate >/dev/null 2>&1
 export FLANNELD=$PWD/target/release/flanneld
 POP=$PWD/target/release/examples/populate
 L() { bash scripts/lab.sh "$@"; }
-trap 'L down $LAB >/dev/null 2>&1 || true' EXIT
+# The agent's log is kept beside the figures (the lab itself is removed).
+trap 'cp "/tmp/flannel-lab/$LAB/n1/flanneld.log" "/tmp/bench-$MODE-$N.log" 2>/dev/null; L down $LAB >/dev/null 2>&1 || true' EXIT
 L down $LAB >/dev/null 2>&1 || true
 L up $LAB --mode "$MODE" --nodes 1 --pod-base 10.128 \
   --net-conf '{"Network":"10.128.0.0/9","Backend":{"Type":"vxlan"}}' >/dev/null 2>&1
@@ -50,6 +51,7 @@ conv_log=$(echo "$(date -d "$last" +%s.%N) - $t0" | bc)
 conv_poll=$(echo "$t1 - $t0" | bc)
 cpu_conv=$(echo "scale=2; $(ticks "$pid") / $hz" | bc); split=$(awk -v hz="$hz" '{printf "user %.2f s, system %.2f s", $14/hz, $15/hz}' "/proc/$pid/stat")
 rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status"); hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
+rss_split=$(awk '/RssAnon|RssFile/ {printf "%s %d MB  ", $1, $2 / 1024}' "/proc/$pid/status")
 
 # New peer → FDB entry, 5 times.
 lat=()
@@ -78,6 +80,7 @@ flannel-rs benchmark: MODE=$MODE N=$N ($(nproc) cores, $(uname -r))
   converge (external poll of the kernel)   : ${conv_poll} s
   CPU to converge                          : ${cpu_conv} s (${split})
   RSS after convergence / peak (VmHWM)     : $((rss / 1024)) MB / $((hwm / 1024)) MB  (${rss} kB / ${hwm} kB)
+  RSS by kind                              : ${rss_split}
   new peer → FDB entry (5 runs, ms)        : ${lat[*]}
   CPU over ${IDLE} s idle                      : ${idle_ms} ms
 R

@@ -15,7 +15,7 @@ export DEBIAN_FRONTEND=noninteractive
 need_pkgs=()
 for p in etcd-server etcd-client containernetworking-plugins iptables nftables iproute2 openssl iputils-ping protobuf-compiler \
          buildah busybox-static systemd \
-         curl procps kmod ca-certificates jq bc; do
+         curl procps kmod ca-certificates jq bc time; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 
