@@ -184,8 +184,14 @@ impl Lease {
                 conf.backend.type_name()
             )));
         }
-        if self.subnet.is_none() && self.ipv6_subnet.is_none() {
-            return Err(Refusal::Invalid("no subnet".into()));
+        // A family this network does not enable is ignored, not refused: during a
+        // rollout to (or from) dual-stack, peers still reach each other over the other.
+        let v4 = self.subnet.filter(|_| conf.v4.is_some());
+        let v6 = self.ipv6_subnet.filter(|_| conf.v6.is_some());
+        if v4.is_none() && v6.is_none() {
+            return Err(Refusal::Invalid(
+                "no subnet in a family this network enables".into(),
+            ));
         }
         if let (BackendData::Vxlan(mine), BackendData::Vxlan(theirs)) =
             (&own.backend, &self.backend)
@@ -197,7 +203,7 @@ impl Lease {
                 )));
             }
         }
-        if let Some(n) = &self.subnet {
+        if let Some(n) = &v4 {
             check_subnet(n, conf.v4.as_ref(), own.subnet.as_ref())?;
             let ip = self
                 .public_ip
@@ -208,7 +214,7 @@ impl Lease {
                 )));
             }
         }
-        if let Some(n) = &self.ipv6_subnet {
+        if let Some(n) = &v6 {
             check_subnet(n, conf.v6.as_ref(), own.ipv6_subnet.as_ref())?;
             let ip = self
                 .public_ipv6
@@ -343,7 +349,15 @@ impl PeerSet {
 
     /// Adds or replaces `name`'s lease. Invalid or conflicting leases are refused
     /// (and any earlier accepted lease of the same name is dropped).
-    pub fn upsert(&mut self, name: &str, lease: Lease, conf: &NetConf, own: &Lease) -> Outcome {
+    pub fn upsert(&mut self, name: &str, mut lease: Lease, conf: &NetConf, own: &Lease) -> Outcome {
+        // Only the families this network enables are kept (and checked for overlaps).
+        if conf.v4.is_none() {
+            lease.subnet = None;
+        }
+        if conf.v6.is_none() {
+            lease.ipv6_subnet = None;
+            lease.backend_v6 = None;
+        }
         let mut out = Outcome::default();
         if self.accepted.get(name) == Some(&lease) {
             return out;
@@ -470,6 +484,47 @@ mod tests {
         ] {
             assert!(bad.validate_peer(&c, &o).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn hostile_ipv6_leases_are_refused() {
+        let c = NetConf::parse(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:10:244::/56","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        let with6 = |l: Lease, n: &str, ip: &str| Lease {
+            ipv6_subnet: Some(n.parse().unwrap()),
+            public_ipv6: Some(ip.parse().unwrap()),
+            backend_v6: Some(l.backend),
+            ..l
+        };
+        let o = with6(own(), "fd00:10:244:1::/64", "fd00:198:18::11");
+        let peer = lease("10.244.2.0/24", "198.18.0.12", "52:82:d5:a1:90:4e");
+        assert!(with6(peer.clone(), "fd00:10:244:2::/64", "fd00:198:18::12")
+            .validate_peer(&c, &o)
+            .is_ok());
+        for (n, ip) in [
+            ("fd00:10:245::/64", "fd00:198:18::12"), // outside IPv6Network
+            ("fd00:10:244:1::/64", "fd00:198:18::12"), // this node's own
+            ("fd00:10:244::/56", "fd00:198:18::12"), // the whole network
+            ("fd00:10:244:2::1/64", "fd00:198:18::12"), // host bits
+            ("fd00:10:244:2::/64", "::"),
+            ("fd00:10:244:2::/64", "ff02::1"),
+        ] {
+            let bad = with6(peer.clone(), n, ip);
+            assert!(bad.validate_peer(&c, &o).is_err(), "{n} {ip}");
+        }
+        // In a network without IPv6 a dual-stack peer counts by its IPv4 part (a rollout
+        // to dual-stack must not cut IPv4); with only IPv6 parts it is refused.
+        let v4only = conf();
+        let dual = with6(peer.clone(), "fd00:10:244:2::/64", "fd00:198:18::12");
+        assert!(dual.validate_peer(&v4only, &own()).is_ok());
+        let only6 = Lease {
+            subnet: None,
+            public_ip: None,
+            ..dual
+        };
+        assert!(only6.validate_peer(&v4only, &own()).is_err());
     }
 
     #[test]

@@ -629,6 +629,59 @@ mod tests {
         assert_eq!(v6.unwrap().to_string(), "fd00:10:244:2::/64");
     }
 
+    #[test]
+    fn dual_stack_and_ipv6_only_nodes() {
+        let v6 = [
+            (
+                "backend-v6-data",
+                r#"{"VNI":1,"VtepMAC":"66:cd:b6:82:3c:71"}"#,
+            ),
+            ("public-ipv6", "fd00:198:18::12"),
+        ];
+        let mut a = good();
+        a.extend(ann(&v6));
+        let cidrs = [
+            "10.244.2.0/24".to_string(),
+            "fd00:10:244:2::/64".to_string(),
+        ];
+        let l = lease_from_node(P, &a, Some("10.244.2.0/24"), &cidrs)
+            .unwrap()
+            .unwrap();
+        assert_eq!(l.ipv6_subnet.unwrap().to_string(), "fd00:10:244:2::/64");
+        assert_eq!(l.public_ipv6.unwrap().to_string(), "fd00:198:18::12");
+        assert_eq!(
+            l.backend_v6.unwrap().to_json(),
+            r#"{"VNI":1,"VtepMAC":"66:cd:b6:82:3c:71"}"#
+        );
+        assert_eq!(
+            l.backend.to_json(),
+            r#"{"VNI":1,"VtepMAC":"82:cd:b6:82:3c:70"}"#
+        );
+
+        // IPv6 only: no IPv4 annotations at all, as upstream writes them.
+        let mut only = ann(&[("kube-subnet-manager", "true"), ("backend-type", "vxlan")]);
+        only.extend(ann(&v6));
+        let l = lease_from_node(P, &only, Some("fd00:10:244:2::/64"), &cidrs[1..])
+            .unwrap()
+            .unwrap();
+        assert_eq!((l.subnet, l.public_ip), (None, None));
+        assert_eq!(Some(l.backend), l.backend_v6);
+
+        // Broken IPv6 annotations are errors, not panics.
+        for (k, v) in [
+            ("public-ipv6", "198.18.0.12"),
+            ("public-ipv6", "fd00::zz"),
+            ("backend-v6-data", "[]"),
+        ] {
+            let mut b = only.clone();
+            b.insert(format!("{P}{k}"), v.into());
+            assert!(
+                lease_from_node(P, &b, Some("fd00:10:244:2::/64"), &cidrs[1..]).is_err(),
+                "{k}={v}"
+            );
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn never_panics(data in ".{0,80}", ip in ".{0,20}", cidr in "[0-9./:a-f]{0,20}", ty in "(vxlan|host-gw|.{0,5})") {
