@@ -288,9 +288,10 @@ fn ipv6_only_vxlan() {
         "v6only",
         &["--nodes", "2", "--ip", "6", "--net-conf", V6_ONLY_VXLAN],
     );
-    for n in 1..=2 {
-        lab.start_flannel(n, &["--ip-masq"]);
-    }
+    // IPv6 interface selection: node1 names its interface by IPv6 address, node2 gives
+    // its public IPv6 explicitly.
+    lab.start_flannel(1, &["--ip-masq", "--iface", &node_ip6(1)]);
+    lab.start_flannel(2, &["--ip-masq", "--public-ipv6", &node_ip6(2)]);
     for n in 1..=2 {
         wait_until(Duration::from_secs(30), "IPv6 fdb entry", || {
             v6dev(&lab, n, &["bridge", "fdb", "show"]).len() == 1
