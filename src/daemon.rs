@@ -44,6 +44,9 @@ struct Plane {
     v6: bool,
     scope: Scope,
     applied: Option<State>,
+    /// Before the first complete peer list: what the kernel holds, as far as
+    /// additions ahead of the list are concerned.
+    seen: Option<State>,
 }
 
 impl Plane {
@@ -84,6 +87,7 @@ fn planes(conf: &NetConf, own: &Lease) -> Vec<Plane> {
             v6,
             scope: Scope { network, own },
             applied: None,
+            seen: None,
         })
         .collect()
 }
@@ -106,6 +110,8 @@ struct Reconciler<B> {
     own: Lease,
     conf: NetConf,
     peers: PeerSet,
+    /// Peers of the initial list so far (only until the first Snapshot).
+    provisional: PeerSet,
     planes: Vec<Plane>,
     warned: HashMap<String, String>,
     metrics: Arc<Metrics>,
@@ -158,7 +164,20 @@ impl<B: Backend> Reconciler<B> {
                 let out = self.peers.remove(&name, &self.conf, &self.own);
                 self.note(out)
             }
+            LeaseEvent::Preview(items) => {
+                // Only gathered here; conflicts are settled by the Snapshot.
+                for (name, read) in items {
+                    if let Ok(Some(lease)) = read {
+                        self.provisional.upsert(&name, lease, &self.conf, &self.own);
+                    }
+                }
+                false
+            }
             LeaseEvent::Snapshot(items) => {
+                self.provisional = PeerSet::default();
+                for p in &mut self.planes {
+                    p.seen = None;
+                }
                 // Current holders first, so a re-list cannot hand a subnet to a claimant.
                 let old = std::mem::take(&mut self.peers);
                 let (mut first, rest): (Vec<_>, Vec<_>) = items.into_iter().partition(
@@ -171,6 +190,44 @@ impl<B: Backend> Reconciler<B> {
                 }
                 true
             }
+        }
+    }
+
+    /// Programs the peers of the initial list seen so far, additions only: no entry
+    /// the kernel already holds is replaced and nothing is removed, so a conflicting
+    /// lease cannot displace a good one before the complete list decides. Failures
+    /// are left to the full check that follows the list.
+    async fn apply_preview(&mut self) {
+        for i in 0..self.planes.len() {
+            let (v6, scope) = (self.planes[i].v6, self.planes[i].scope);
+            let devices = self.backend.devices(&self.ext, v6);
+            if self.planes[i].seen.is_none() {
+                match self.nl.observe(devices, scope).await {
+                    Ok(o) => self.planes[i].seen = Some(o.state),
+                    Err(e) => {
+                        tracing::debug!("not programming ahead of the list: {e}");
+                        return;
+                    }
+                }
+            }
+            let (want, _) = self.backend.desired(&self.ext, &self.provisional, v6);
+            let Some(seen) = self.planes[i].seen.as_mut() else {
+                continue;
+            };
+            let add = crate::dataplane::model::additions(&want, seen);
+            if add.is_empty() {
+                continue;
+            }
+            let report = self.nl.apply(&add, devices).await;
+            self.metrics.netlink_ops.add(report.done as u64);
+            self.metrics.netlink_errors.add(report.failed.len() as u64);
+            seen.absorb(&add);
+            tracing::debug!(
+                "programmed {} entries for {} peers ahead of the complete list ({} failed)",
+                add.ops(),
+                self.provisional.len(),
+                report.failed.len()
+            );
         }
     }
 
@@ -465,6 +522,7 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             own,
             conf,
             peers: PeerSet::default(),
+            provisional: PeerSet::default(),
             planes,
             warned: HashMap::new(),
             metrics: metrics.clone(),
@@ -472,6 +530,7 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             failures: 0,
         };
         let mut synced = false;
+        let mut previewed = false;
         let mut completed = false;
         let far = || tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
         let mut full_at = far();
@@ -482,17 +541,25 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             tokio::select! {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { anyhow::bail!("the peer watch stopped") };
-                    if matches!(ev, LeaseEvent::Snapshot(_)) {
-                        if !synced {
-                            full_at = tokio::time::Instant::now();
+                    // This event and what is already queued: one reconcile per burst.
+                    let mut next = Some(ev);
+                    while let Some(ev) = next.take() {
+                        match ev {
+                            LeaseEvent::Snapshot(_) => {
+                                if !synced {
+                                    full_at = tokio::time::Instant::now();
+                                }
+                                synced = true;
+                            }
+                            LeaseEvent::Preview(_) if synced => {
+                                next = rx.try_recv().ok();
+                                continue;
+                            }
+                            LeaseEvent::Preview(_) => previewed = true,
+                            _ => {}
                         }
-                        synced = true;
-                    }
-                    dirty |= r.handle(ev);
-                    // Drain what is already queued: one reconcile per burst.
-                    while let Ok(ev) = rx.try_recv() {
-                        if matches!(ev, LeaseEvent::Snapshot(_)) { synced = true; }
                         dirty |= r.handle(ev);
+                        next = rx.try_recv().ok();
                     }
                 }
                 Some(()) = kick_rx.recv() => {
@@ -503,6 +570,9 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
                 _ = safety.tick() => { full_at = tokio::time::Instant::now(); }
             }
             if !synced {
+                if std::mem::take(&mut previewed) {
+                    r.apply_preview().await;
+                }
                 continue;
             }
             let full = tokio::time::Instant::now() >= full_at || !r.applied_known();
@@ -516,6 +586,7 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
                 r.failures = 0;
                 if !completed {
                     completed = true;
+                    tracing::info!("dataplane programmed: {} peers", r.peers.len());
                     release_freed_memory();
                     metrics.ready.set(1);
                     let m = manager.clone();

@@ -328,3 +328,94 @@ fn healthz_metrics_and_sigterm() {
     );
     assert!(lab.ping("p1", &p2, 2, "0.2"));
 }
+
+/// A Node as a running flanneld leaves it, for a large list.
+fn peer_node(name: &str, k: u32) -> serde_json::Value {
+    let subnet = format!("10.{}.{}.0/24", 128 + k / 256, k % 256);
+    let mac = format!("52:54:00:00:{:02x}:{:02x}", k >> 8 & 255, k & 255);
+    let p = "flannel.alpha.coreos.com/";
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": { "name": name, "annotations": {
+            format!("{p}kube-subnet-manager"): "true",
+            format!("{p}backend-type"): "vxlan",
+            format!("{p}backend-data"): format!(r#"{{"VNI":1,"VtepMAC":"{mac}"}}"#),
+            format!("{p}public-ip"): format!("198.19.{}.{}", k >> 8 & 255, k & 255),
+        }},
+        "spec": { "podCIDR": subnet, "podCIDRs": [subnet] },
+    })
+}
+
+/// More than one page of Nodes: peers are programmed while the list is still being
+/// read, yet a newer Node claiming an older one's subnet still loses — even when its
+/// name comes first in the list — and nothing of it stays in the kernel.
+#[test]
+fn large_list_programs_ahead_and_older_node_wins() {
+    if !root_or_skip("large_list_programs_ahead_and_older_node_wins") {
+        return;
+    }
+    let lab = Lab::up(
+        "biglist",
+        &[
+            "--nodes",
+            "1",
+            "--pod-base",
+            "10.128",
+            "--net-conf",
+            r#"{"Network":"10.128.0.0/9","Backend":{"Type":"vxlan"}}"#,
+        ],
+    );
+    const N: u32 = 1100;
+    let items: Vec<serde_json::Value> = (1..=N)
+        .map(|k| peer_node(&format!("peer-{k:04}"), k))
+        .collect();
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+    let path = lab.dir.join("peers.json");
+    std::fs::write(&path, list.to_string()).unwrap();
+    lab.kubectl(&["create", "-f", path.to_str().unwrap()]);
+    // Creation times have one-second resolution: the claimant is clearly newer.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut evil = peer_node("aaa-evil", 300);
+    evil["metadata"]["annotations"]["flannel.alpha.coreos.com/backend-data"] =
+        r#"{"VNI":1,"VtepMAC":"5e:00:00:00:00:01"}"#.into();
+    evil["metadata"]["annotations"]["flannel.alpha.coreos.com/public-ip"] = "198.18.0.99".into();
+    let path = lab.dir.join("evil.json");
+    std::fs::write(&path, evil.to_string()).unwrap();
+    lab.kubectl(&["create", "-f", path.to_str().unwrap()]);
+
+    lab.start_flannel(1, &[]);
+    wait_until(Duration::from_secs(60), "all peers programmed", || {
+        lab.routes(1).len() == N as usize && lab.fdb(1).len() == N as usize
+    });
+    let log = lab.flannel_log(1);
+    assert!(
+        log.contains("skipping peer aaa-evil"),
+        "no warning naming the claimant:\n{log}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the older holder's entries",
+        || {
+            lab.neighs(1)
+                .contains(&"10.129.44.0 lladdr 52:54:00:00:01:2c PERMANENT".to_string())
+        },
+    );
+    let fdb = lab.fdb(1).join("\n");
+    assert!(!fdb.contains("5e:00:00:00:00:01"), "{fdb}");
+    assert!(fdb.contains("52:54:00:00:01:2c dst 198.19.1.44 self permanent"));
+    let neighs = lab.neighs(1).join("\n");
+    assert!(!neighs.contains("5e:00:00:00:00:01"), "{neighs}");
+    // The first page was programmed before the list was complete: the full check
+    // after it had fewer than all 3·N entries left to do.
+    let full = log
+        .lines()
+        .find(|l| l.contains(&format!("programmed {N} peers (IPv4): ")))
+        .expect("a full-list reconcile line");
+    let changes: usize = full
+        .split("(IPv4): ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a change count");
+    assert!(changes < 3 * N as usize, "{full}");
+}

@@ -26,6 +26,9 @@ use crate::config::netconf::NetConf;
 use crate::lease::{BackendData, Lease};
 use crate::metrics::Metrics;
 
+/// Initial-list items per [`LeaseEvent::Preview`] (the list's page size).
+const PREVIEW_BATCH: usize = 500;
+
 /// Annotation names (after the prefix).
 pub mod names {
     pub const SUBNET_MANAGER: &str = "kube-subnet-manager";
@@ -419,9 +422,12 @@ impl SubnetManager for KubeManager {
     async fn watch(&self, conf: &NetConf, tx: mpsc::Sender<LeaseEvent>) {
         let _ = conf;
         let api: Api<NodeLite> = Api::all(self.client.clone());
-        let mut stream = watcher::watcher(api, watcher::Config::default().page_size(500))
-            .default_backoff()
-            .boxed();
+        let mut stream = watcher::watcher(
+            api,
+            watcher::Config::default().page_size(PREVIEW_BATCH as u32),
+        )
+        .default_backoff()
+        .boxed();
         // Initial/re-list items with their creation time: on a subnet conflict the older Node wins.
         let mut init: Option<Vec<(String, String, PeerRead)>> = None;
         let read = |n: &NodeLite| -> (String, PeerRead) {
@@ -448,10 +454,22 @@ impl SubnetManager for KubeManager {
                             .as_ref()
                             .map(|t| t.0.to_string())
                             .unwrap_or_default();
-                        init.get_or_insert_with(Vec::new)
-                            .push((created, name, lease));
+                        let items = init.get_or_insert_with(Vec::new);
+                        items.push((created, name, lease));
+                        // Each page's worth goes out ahead, so programming overlaps the list.
+                        if items.len() % PREVIEW_BATCH == 0 {
+                            let page = &items[items.len() - PREVIEW_BATCH..];
+                            Some(LeaseEvent::Preview(
+                                page.iter()
+                                    .map(|(_, n, l)| (n.clone(), l.clone()))
+                                    .collect(),
+                            ))
+                        } else {
+                            None
+                        }
+                    } else {
+                        None
                     }
-                    None
                 }
                 Ok(Event::InitDone) => {
                     let mut items = init.take().unwrap_or_default();
