@@ -46,7 +46,7 @@ until [ "$(count route show dev flannel.1)" -ge "$N" ] && [ "$(count neigh show 
 done
 t1=$(date +%s.%N)
 # The agent's own record of when its last apply finished (the poll above is coarser).
-last=$(grep "dataplane programmed: $N peers" "$DIR/n1/flanneld.log" | head -n1 | cut -d' ' -f1)
+last=$(grep "dataplane ready: $N peers" "$DIR/n1/flanneld.log" | head -n1 | cut -d' ' -f1)
 conv_log=$(echo "$(date -d "$last" +%s.%N) - $t0" | bc)
 conv_poll=$(echo "$t1 - $t0" | bc)
 cpu_conv=$(echo "scale=2; $(ticks "$pid") / $hz" | bc); split=$(awk -v hz="$hz" '{printf "user %.2f s, system %.2f s", $14/hz, $15/hz}' "/proc/$pid/stat")

@@ -586,7 +586,7 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
                 r.failures = 0;
                 if !completed {
                     completed = true;
-                    tracing::info!("dataplane programmed: {} peers", r.peers.len());
+                    tracing::info!("dataplane ready: {} peers", r.peers.len());
                     release_freed_memory();
                     metrics.ready.set(1);
                     let m = manager.clone();
