@@ -13,7 +13,7 @@ log() { echo "install-deps: $*" >&2; }
 export DEBIAN_FRONTEND=noninteractive
 
 need_pkgs=()
-for p in etcd-server etcd-client containernetworking-plugins iptables nftables iproute2 openssl iputils-ping protobuf-compiler \
+for p in etcd-server etcd-client containernetworking-plugins iptables nftables iproute2 openssl iputils-ping protobuf-compiler libprotobuf-dev \
          buildah busybox-static systemd \
          curl procps kmod ca-certificates jq bc time; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")

@@ -114,16 +114,16 @@ impl SubnetEnv {
         let name = path
             .file_name()
             .ok_or_else(|| werr(std::io::Error::other("not a file name")))?;
+        use std::os::unix::fs::PermissionsExt;
         if !dir.exists() {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(dir)
-                .map_err(werr)?;
+            std::fs::create_dir_all(dir).map_err(werr)?;
+            // The CNI plugin (maybe another user) reads it: 0755 whatever the umask.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(werr)?;
         }
         let tmp = dir.join(format!(".{}", name.to_string_lossy()));
         let mut f = std::fs::File::create(&tmp).map_err(werr)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(werr)?;
         f.write_all(self.render().as_bytes()).map_err(werr)?;
         f.sync_all().map_err(werr)?;
         drop(f);
@@ -166,14 +166,17 @@ mod tests {
     fn round_trip_and_atomic_replace() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/flannel/subnet.env");
-        full().write(&path).unwrap();
+        // A restrictive umask (as under some service managers) must not make
+        // the directory or the file unreadable for the CNI plugin.
+        let old_umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let written = full().write(&path);
+        nix::sys::stat::umask(old_umask);
+        written.unwrap();
         assert_eq!(SubnetEnv::read(&path).unwrap(), Some(full()));
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(path.parent().unwrap())
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o755);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(path.parent().unwrap()), 0o755);
+        assert_eq!(mode(&path), 0o644);
         // Replace: an open reader of the old file keeps the old inode; the path shows the new text.
         let old = std::fs::File::open(&path).unwrap();
         let next = SubnetEnv {
@@ -201,8 +204,17 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn parse_never_panics(s in "(FLANNEL_[A-Z_]{0,12}=[ -~]{0,30}\n){0,6}") {
-            let _ = SubnetEnv::parse(&s);
+        /// Whatever is read back renders to text that reads back the same (so a
+        /// rewritten file never loses or changes a field the agent understood).
+        fn parse_render_round_trip(s in "((FLANNEL_(NETWORK|SUBNET|IPV6_NETWORK|IPV6_SUBNET|MTU|IPMASQ|[A-Z]{0,4})=([0-9./:a-f]{0,24}|true|false|[0-9]{1,5})|[ -~]{0,20})\n){0,8}") {
+            let e = SubnetEnv::parse(&s);
+            proptest::prop_assert_eq!(SubnetEnv::parse(&e.render()), e.clone());
+            for n in [e.network, e.subnet].into_iter().flatten() {
+                proptest::prop_assert!(n.is_ipv4());
+            }
+            for n in [e.ipv6_network, e.ipv6_subnet].into_iter().flatten() {
+                proptest::prop_assert!(n.is_ipv6());
+            }
         }
     }
 }

@@ -32,10 +32,9 @@ fn check_nat(lab: &Lab) {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
 fn iptables_masquerade_and_forward_rules() {
-    if !root_or_skip("iptables_masquerade_and_forward_rules") {
-        return;
-    }
+    require_root();
     let lab = Lab::up("fwipt", &["--nodes", "2"]);
     lab.start_flannel(1, &["--ip-masq"]);
     lab.start_flannel(2, &["--ip-masq"]);
@@ -94,10 +93,9 @@ fn iptables_masquerade_and_forward_rules() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
 fn nftables_mode() {
-    if !root_or_skip("nftables_mode") {
-        return;
-    }
+    require_root();
     let conf = r#"{"Network":"10.244.0.0/16","EnableNFTables":true,"Backend":{"Type":"vxlan"}}"#;
     let lab = Lab::up("fwnft", &["--nodes", "2", "--net-conf", conf]);
     lab.start_flannel(1, &["--ip-masq"]);

@@ -70,10 +70,9 @@ fn mesh(lab: &Lab, nodes: u32, families: &[u8]) {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
 fn dual_stack_vxlan_has_upstreams_form_and_full_mesh() {
-    if !root_or_skip("dual_stack_vxlan_has_upstreams_form_and_full_mesh") {
-        return;
-    }
+    require_root();
     let lab = Lab::up(
         "v6dual",
         &["--nodes", "3", "--ip", "dual", "--net-conf", DUAL_VXLAN],
@@ -224,10 +223,9 @@ fn dual_stack_vxlan_has_upstreams_form_and_full_mesh() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
 fn dual_stack_host_gw() {
-    if !root_or_skip("dual_stack_host_gw") {
-        return;
-    }
+    require_root();
     let lab = Lab::up(
         "v6hgw",
         &["--nodes", "3", "--ip", "dual", "--net-conf", DUAL_HOSTGW],
@@ -280,10 +278,9 @@ fn dual_stack_host_gw() {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
 fn ipv6_only_vxlan() {
-    if !root_or_skip("ipv6_only_vxlan") {
-        return;
-    }
+    require_root();
     let lab = Lab::up(
         "v6only",
         &["--nodes", "2", "--ip", "6", "--net-conf", V6_ONLY_VXLAN],
@@ -357,10 +354,9 @@ fn key_part(gw: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
 fn dual_stack_with_etcd_manager() {
-    if !root_or_skip("dual_stack_with_etcd_manager") {
-        return;
-    }
+    require_root();
     let lab = Lab::up(
         "v6etcd",
         &[

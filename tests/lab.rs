@@ -7,10 +7,9 @@ use std::time::Duration;
 use support::*;
 
 #[test]
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
 fn control_plane_nodes_and_same_node_pods() {
-    if !root_or_skip("control_plane_nodes_and_same_node_pods") {
-        return;
-    }
+    require_root();
     let lab = Lab::up("lab1", &["--nodes", "2"]);
     assert!(lab.kubectl(&["get", "--raw", "/readyz"]).contains("ok"));
     let nodes = lab.kubectl(&[

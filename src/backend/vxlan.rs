@@ -548,6 +548,11 @@ mod tests {
     fn mac_prefix_is_kept() {
         let m = random_mac(&[0x0e, 0x2a]);
         assert_eq!(&m.0[..2], &[0x0e, 0x2a]);
-        assert!(random_mac(&[]).is_unicast());
+        // The bytes after the prefix are drawn: 64 draws of one free byte
+        // are not all the same (odds 256^-63), and the prefix is never touched.
+        let draws: std::collections::HashSet<[u8; 6]> =
+            (0..64).map(|_| random_mac(&[2, 0, 0, 0, 0]).0).collect();
+        assert!(draws.len() > 1, "the last byte is not random");
+        assert!(draws.iter().all(|m| m[..5] == [2, 0, 0, 0, 0]));
     }
 }

@@ -665,8 +665,13 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn never_panics_on_any_text(s in ".{0,200}") {
-            let _ = NetConf::parse(&s);
+        fn arbitrary_text_is_refused_with_a_reason(s in ".{0,200}") {
+            // Not a JSON object with a Network: always an error that says something.
+            if let Err(e) = NetConf::parse(&s) {
+                proptest::prop_assert!(!e.to_string().is_empty());
+            } else {
+                proptest::prop_assert!(s.contains("Network"));
+            }
         }
 
         #[test]
