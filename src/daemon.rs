@@ -504,11 +504,11 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             let c = conf.clone();
             tokio::spawn(async move { m.watch(&c, tx).await });
         }
-        {
+        let mut lease_lost = {
             let m = manager.clone();
             let (o, r) = (own.clone(), req.clone());
-            tokio::spawn(async move { m.keep_alive(&o, &r).await });
-        }
+            tokio::spawn(async move { m.keep_alive(&o, &r).await })
+        };
         let watched = Arc::new(std::sync::RwLock::new(Watched::default()));
         let (kick_tx, mut kick_rx) = mpsc::channel(1);
         if !planes.is_empty() {
@@ -568,6 +568,12 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
                 }
                 _ = tokio::time::sleep_until(full_at) => {}
                 _ = safety.tick() => { full_at = tokio::time::Instant::now(); }
+                lost = &mut lease_lost => {
+                    return Err(match lost {
+                        Ok(e) => e,
+                        Err(e) => anyhow::anyhow!("the lease keeper failed: {e}"),
+                    });
+                }
             }
             if !synced {
                 if std::mem::take(&mut previewed) {
@@ -590,12 +596,12 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
                     release_freed_memory();
                     metrics.ready.set(1);
                     let m = manager.clone();
+                    // Transient API errors are retried inside; what is left is a
+                    // configuration error (RBAC), worth a loud line but not an exit:
+                    // the dataplane works without the condition.
                     tokio::spawn(async move {
-                        let mut delay = Duration::from_secs(1);
-                        while let Err(e) = m.complete().await {
-                            tracing::warn!("{e:#}; retrying in {delay:?}");
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(30));
+                        if let Err(e) = m.complete().await {
+                            tracing::error!("{e:#}");
                         }
                     });
                 }

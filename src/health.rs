@@ -55,14 +55,14 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()
             let path = path.split('?').next().unwrap_or("");
             let (status, ctype, body) = match (method, path) {
                 ("GET", "/healthz") => ("200 OK", "text/plain", "flanneld is running".to_string()),
-                ("GET", "/readyz") if metrics.ready.get() == 1 => {
-                    ("200 OK", "text/plain", "ready".to_string())
-                }
-                ("GET", "/readyz") => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready: lease or dataplane pending".to_string(),
-                ),
+                ("GET", "/readyz") => match metrics.readiness() {
+                    Ok(()) => ("200 OK", "text/plain", "ready".to_string()),
+                    Err(why) => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        format!("not ready: {why}"),
+                    ),
+                },
                 ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
                 _ => ("404 Not Found", "text/plain", "not found".to_string()),
             };

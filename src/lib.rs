@@ -4,7 +4,7 @@
 //! (compact peer leases and their validation), [`manager`] (where leases come
 //! from), [`backend`] (what the kernel must hold per peer), [`dataplane`] (the
 //! desired-state model, diff, and the netlink layer), [`daemon`] (the wiring),
-//! [`health`] and [`metrics`].
+//! [`health`] and [`metrics`], [`retry`] (the one backoff every store retry uses).
 
 pub mod backend;
 pub mod config;
@@ -16,5 +16,6 @@ pub mod iface;
 pub mod lease;
 pub mod manager;
 pub mod metrics;
+pub mod retry;
 pub mod subnet;
 pub mod subnet_env;

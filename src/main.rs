@@ -133,6 +133,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
                 renew_margin: std::time::Duration::from_secs(
                     60 * flags.subnet_lease_renew_margin as u64,
                 ),
+                lease_ttl: lease_ttl()?,
             };
             let manager = Arc::new(EtcdManager::new(settings, metrics.clone()).await?);
             let conf = manager.network_config().await?;
@@ -145,6 +146,20 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             tracing::info!("{}: exiting, leaving the dataplane in place", s?);
             Ok(())
         }
+    }
+}
+
+/// Upstream's 24 h etcd lease TTL; `FLANNEL_RS_LEASE_TTL_SECONDS` shortens it
+/// for tests of renewal through outages (not an upstream setting).
+fn lease_ttl() -> anyhow::Result<std::time::Duration> {
+    match std::env::var("FLANNEL_RS_LEASE_TTL_SECONDS") {
+        Ok(v) => match v.parse::<u64>() {
+            Ok(s) if s >= 2 => Ok(std::time::Duration::from_secs(s)),
+            _ => anyhow::bail!(
+                "FLANNEL_RS_LEASE_TTL_SECONDS={v:?}: want a number of seconds, at least 2"
+            ),
+        },
+        Err(_) => Ok(flannel::manager::etcd::LEASE_TTL),
     }
 }
 

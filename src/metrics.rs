@@ -21,6 +21,23 @@ impl Counter {
     }
 }
 
+/// Why the peer watch is not live right now (None: it is).
+#[derive(Debug, Default)]
+pub struct StoreHealth(std::sync::Mutex<Option<String>>);
+
+impl StoreHealth {
+    /// The watch is broken: /readyz answers 503 with `why` until [`Self::up`].
+    pub fn down(&self, why: impl Into<String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.into());
+    }
+    pub fn up(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+    pub fn broken(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub peers: Counter,
@@ -33,6 +50,21 @@ pub struct Metrics {
     pub watch_restarts: Counter,
     pub lease_renewals: Counter,
     pub ready: Counter,
+    pub store: StoreHealth,
+}
+
+impl Metrics {
+    /// /readyz: Ok when the lease is held, the dataplane programmed and the
+    /// peer watch live; otherwise the reason.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.ready.get() != 1 {
+            return Err("lease or dataplane pending".into());
+        }
+        match self.store.broken() {
+            Some(why) => Err(format!("peer watch broken: {why}")),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Metrics {
@@ -80,7 +112,7 @@ impl Metrics {
         one(
             "flannel_watch_restarts_total",
             "counter",
-            "Times the peer watch broke and was restarted.",
+            "Times the connection to the store (API server or etcd) broke and the peer watch was re-established.",
             self.watch_restarts.get().to_string(),
         );
         one(
@@ -92,8 +124,8 @@ impl Metrics {
         one(
             "flannel_ready",
             "gauge",
-            "1 when the lease is held and the dataplane programmed.",
-            self.ready.get().to_string(),
+            "1 when the lease is held, the dataplane programmed and the peer watch live.",
+            u64::from(self.readiness().is_ok()).to_string(),
         );
         s
     }

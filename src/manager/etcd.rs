@@ -23,6 +23,7 @@ use super::{LeaseEvent, LeaseRequest, PeerRead, SubnetManager};
 use crate::config::netconf::NetConf;
 use crate::lease::{BackendData, Lease};
 use crate::metrics::Metrics;
+use crate::retry::{self, Backoff, Throttle};
 use crate::subnet;
 use crate::subnet_env::SubnetEnv;
 
@@ -30,6 +31,20 @@ use crate::subnet_env::SubnetEnv;
 pub const LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How many free subnets to choose from at random (upstream's number).
 const FREE_CANDIDATES: usize = 100;
+/// The watch asks for progress notifications (etcd sends them every 10 minutes
+/// by default); silence for longer means the watch is dead, whatever TCP says.
+const WATCH_IDLE: Duration = Duration::from_secs(11 * 60);
+/// HTTP/2 pings on the etcd connection (etcd refuses pings more often than every
+/// 5 s): a dead or half-open connection is noticed within interval + timeout.
+const KEEPALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
+
+/// When to renew a lease of `ttl`: `margin` before it expires, as upstream
+/// (`--subnet-lease-renew-margin`); at half-life when the margin is not shorter
+/// than the TTL (only with a test TTL), and never more often than every second.
+pub fn renew_interval(ttl: Duration, margin: Duration) -> Duration {
+    let at = if margin < ttl { ttl - margin } else { ttl / 2 };
+    at.max(Duration::from_secs(1))
+}
 
 pub struct EtcdSettings {
     pub endpoints: Vec<String>,
@@ -41,12 +56,16 @@ pub struct EtcdSettings {
     pub password: String,
     pub subnet_file: PathBuf,
     pub renew_margin: Duration,
+    /// Upstream's 24 h unless a test shortens it (FLANNEL_RS_LEASE_TTL_SECONDS).
+    pub lease_ttl: Duration,
 }
 
 #[derive(Debug, Clone)]
 struct Own {
     key: String,
     lease_id: i64,
+    /// The value we wrote: a Put of our key with any other value is someone else's.
+    value: String,
 }
 
 pub struct EtcdManager {
@@ -80,7 +99,9 @@ pub fn parse_key_name(name: &str) -> Option<(Option<IpNetwork>, Option<IpNetwork
             return None;
         }
     }
-    (v4.is_some() || v6.is_some()).then_some((v4, v6))
+    // Only the canonical form upstream writes (network address, IPv4 first):
+    // a key with host bits or another spelling would not be found again by it.
+    (key_name(v4, v6) == name).then_some((v4, v6))
 }
 
 /// Upstream's lease value: `{"PublicIP":…,"PublicIPv6":…,"BackendType":…,"BackendData":…}`.
@@ -160,32 +181,36 @@ pub fn parse_lease(name: &str, value: &[u8]) -> PeerRead {
     }))
 }
 
-/// Retries `f` with backoff (0.5 s → 10 s), logging each failure with `what`.
-async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<T>>,
-{
-    let mut delay = Duration::from_millis(500);
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) => {
-                tracing::warn!("{what}: {e:#}; retrying in {delay:?}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-        }
+/// Errors no retry heals: refused credentials or permissions, or a TLS
+/// certificate one side rejects. Everything else (refused connections,
+/// timeouts, no leader) is transient.
+fn fatal(e: &etcd_client::Error) -> bool {
+    if let etcd_client::Error::GRpcStatus(s) = e {
+        use tonic::Code;
+        return matches!(s.code(), Code::PermissionDenied)
+            || (matches!(s.code(), Code::InvalidArgument | Code::Unauthenticated)
+                && s.message().contains("authentication failed"));
     }
+    let text = format!("{e:?}").to_ascii_lowercase();
+    text.contains("certificate") || text.contains("handshake")
 }
 
 impl EtcdManager {
     pub async fn new(s: EtcdSettings, metrics: Arc<Metrics>) -> anyhow::Result<EtcdManager> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
-            .with_timeout(Duration::from_secs(10));
+            .with_timeout(Duration::from_secs(10))
+            .with_keep_alive(KEEPALIVE.0, KEEPALIVE.1)
+            .with_keep_alive_while_idle(true)
+            .with_tcp_keepalive(Duration::from_secs(30))
+            // A member cut off from its cluster's leader refuses (and cancels
+            // watches) instead of serving stale data.
+            .with_require_leader(true);
         if !s.username.is_empty() {
-            opts = opts.with_user(s.username.clone(), s.password.clone());
+            // etcd's simple tokens expire (--auth-token-ttl, 300 s by default).
+            opts = opts
+                .with_user(s.username.clone(), s.password.clone())
+                .with_auto_token_refresh(true);
         }
         if !s.cafile.is_empty() || !s.certfile.is_empty() {
             let mut tls = TlsOptions::new();
@@ -204,18 +229,22 @@ impl EtcdManager {
             opts = opts.with_tls(tls);
         }
         let endpoints = s.endpoints.clone();
-        let client = retry(
-            &format!("connecting to etcd at {}", endpoints.join(",")),
-            || {
-                let (e, o) = (endpoints.clone(), opts.clone());
-                async move {
-                    let mut c = Client::connect(e, Some(o)).await?;
-                    c.status().await?;
-                    Ok(c)
-                }
-            },
-        )
-        .await;
+        let what = format!("connecting to etcd at {}", endpoints.join(","));
+        let client = retry::until_ok(&what, fatal, || {
+            let (e, o) = (endpoints.clone(), opts.clone());
+            async move {
+                let mut c = Client::connect(e, Some(o)).await?;
+                c.status().await?;
+                Ok(c)
+            }
+        })
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{what}: {e} (a configuration error: check --etcd-cafile, --etcd-certfile, \
+                 --etcd-keyfile, --etcd-username and --etcd-password)"
+            )
+        })?;
         tracing::info!("connected to etcd at {}", s.endpoints.join(","));
         Ok(EtcdManager {
             s,
@@ -256,7 +285,10 @@ impl EtcdManager {
     /// Creates `key` only if absent, bound to a fresh lease. Ok(false) = someone holds it.
     async fn create(&self, name: &str, value: &str) -> anyhow::Result<Option<i64>> {
         let mut c = self.client.clone();
-        let lease = c.lease_grant(LEASE_TTL.as_secs() as i64, None).await?.id();
+        let lease = c
+            .lease_grant(self.s.lease_ttl.as_secs() as i64, None)
+            .await?
+            .id();
         let key = format!("{}{name}", self.subnets_prefix());
         let txn = Txn::new()
             .when(vec![Compare::create_revision(
@@ -335,9 +367,19 @@ impl EtcdManager {
                 if val.as_slice() != value.as_bytes() {
                     c.put(key.clone(), value.clone(), None).await?;
                 }
-                return Ok(Some((lease_of(v4, v6), Own { key, lease_id: 0 })));
+                return Ok(Some((
+                    lease_of(v4, v6),
+                    Own {
+                        key,
+                        lease_id: 0,
+                        value: value.clone(),
+                    },
+                )));
             }
-            let new_lease = c.lease_grant(LEASE_TTL.as_secs() as i64, None).await?.id();
+            let new_lease = c
+                .lease_grant(self.s.lease_ttl.as_secs() as i64, None)
+                .await?
+                .id();
             let txn = Txn::new()
                 .when(vec![Compare::lease(
                     key.clone(),
@@ -357,6 +399,7 @@ impl EtcdManager {
                     Own {
                         key,
                         lease_id: new_lease,
+                        value: value.clone(),
                     },
                 )));
             }
@@ -381,6 +424,7 @@ impl EtcdManager {
                         Own {
                             key: format!("{}{name}", self.subnets_prefix()),
                             lease_id: id,
+                            value: value.clone(),
                         },
                     )
                 }))
@@ -421,8 +465,28 @@ impl EtcdManager {
         claim(v4, v6).await
     }
 
-    /// Puts our key back after it vanished (expired, deleted by hand).
-    async fn restore(&self, own: &Own, req: &LeaseRequest) -> anyhow::Result<Own> {
+    fn own(&self) -> Option<Own> {
+        self.own.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Extends our etcd lease; false when etcd no longer knows it (expired or revoked).
+    async fn renew(&self, lease_id: i64) -> anyhow::Result<bool> {
+        let mut c = self.client.clone();
+        let once = async {
+            let (mut keeper, mut stream) = c.lease_keep_alive(lease_id).await?;
+            keeper.keep_alive().await?;
+            let r = stream.message().await?;
+            anyhow::Ok(r.is_some_and(|r| r.ttl() > 0))
+        };
+        tokio::time::timeout(Duration::from_secs(10), once)
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within 10 s"))?
+    }
+
+    /// Reads our key and settles who holds it: still ours (kept as is, or moved
+    /// onto a new etcd lease when our value sits there without our lease), gone
+    /// (re-created, create-if-absent), or another node's. Errors are transient.
+    async fn reclaim(&self, own: &Own, req: &LeaseRequest) -> anyhow::Result<Keep> {
         let name = own
             .key
             .strip_prefix(&self.subnets_prefix())
@@ -430,15 +494,131 @@ impl EtcdManager {
             .to_string();
         let v4 = parse_key_name(&name).is_some_and(|(v4, _)| v4.is_some());
         let value = lease_value(req, v4);
-        match self.create(&name, &value).await? {
-            Some(id) => Ok(Own {
+        let mut c = self.client.clone();
+        let r = c.get(own.key.clone(), None).await?;
+        let Some(kv) = r.kvs().first() else {
+            return match self.create(&name, &value).await? {
+                Some(id) => {
+                    tracing::warn!("our lease {name} was gone from etcd; re-created it");
+                    Ok(Keep::Kept(Own {
+                        key: own.key.clone(),
+                        lease_id: id,
+                        value: value.clone(),
+                    }))
+                }
+                None => Err(anyhow::anyhow!(
+                    "{name} was created by someone else meanwhile; re-reading"
+                )),
+            };
+        };
+        match holder(&name, kv.value(), req) {
+            Holder::Other(who) => Ok(Keep::Taken(format!(
+                "our subnet {name} is now held by another node ({who})"
+            ))),
+            Holder::Us if kv.lease() == own.lease_id || kv.lease() == 0 => Ok(Keep::Kept(Own {
                 key: own.key.clone(),
-                lease_id: id,
-            }),
-            None => {
-                bail!("our subnet {name} was taken by another node; restart to acquire a new one")
+                lease_id: kv.lease(),
+                value: value.clone(),
+            })),
+            Holder::Us => {
+                // Our value on a lease that is not (or no longer) ours: move it to a new one.
+                let id = c
+                    .lease_grant(self.s.lease_ttl.as_secs() as i64, None)
+                    .await?
+                    .id();
+                let txn = Txn::new()
+                    .when(vec![Compare::mod_revision(
+                        own.key.clone(),
+                        CompareOp::Equal,
+                        kv.mod_revision(),
+                    )])
+                    .and_then(vec![TxnOp::put(
+                        own.key.clone(),
+                        value.clone(),
+                        Some(PutOptions::new().with_lease(id)),
+                    )]);
+                if c.txn(txn).await?.succeeded() {
+                    tracing::warn!(
+                        "our lease {name} was on a lost etcd lease; moved it to a new one"
+                    );
+                    Ok(Keep::Kept(Own {
+                        key: own.key.clone(),
+                        lease_id: id,
+                        value: value.clone(),
+                    }))
+                } else {
+                    let _ = c.lease_revoke(id).await;
+                    Err(anyhow::anyhow!(
+                        "{name} changed while reclaiming it; re-reading"
+                    ))
+                }
             }
         }
+    }
+
+    /// One renewal round: renew (or, when `check` or the lease is gone, reclaim),
+    /// retrying transient errors with the store backoff. Never treats a failed
+    /// request as a lost lease.
+    async fn keep(&self, own: &Own, req: &LeaseRequest, check: bool) -> Keep {
+        let mut backoff = Backoff::default();
+        let mut log = Throttle::new(format!("renewing our lease {}", own.key));
+        loop {
+            let step = async {
+                if !check && own.lease_id != 0 && self.renew(own.lease_id).await? {
+                    return anyhow::Ok(Keep::Kept(own.clone()));
+                }
+                self.reclaim(own, req).await
+            };
+            match step.await {
+                Ok(k) => {
+                    log.ok();
+                    return k;
+                }
+                Err(e) => {
+                    let d = backoff.next_delay();
+                    log.fail(&format_args!("{e:#}; retrying in {d:.1?}"));
+                    tokio::time::sleep(d).await;
+                }
+            }
+        }
+    }
+}
+
+/// The outcome of a renewal round.
+enum Keep {
+    Kept(Own),
+    /// Another node holds our subnet: the agent exits (see `keep_alive`).
+    Taken(String),
+}
+
+/// Who a subnet key's value belongs to.
+#[derive(Debug, PartialEq, Eq)]
+enum Holder {
+    Us,
+    /// Another node (its public address, or why the value is not ours).
+    Other(String),
+}
+
+/// Ours when it is a valid lease carrying our public address (IPv4; IPv6 when
+/// the lease has no IPv4 side) — the same test acquisition uses to reuse a lease.
+fn holder(name: &str, value: &[u8], req: &LeaseRequest) -> Holder {
+    match parse_lease(name, value) {
+        Ok(Some(l)) => {
+            let ours = if l.subnet.is_some() {
+                req.public_ip.is_some() && l.public_ip == req.public_ip
+            } else {
+                req.public_ipv6.is_some() && l.public_ipv6 == req.public_ipv6
+            };
+            if ours {
+                Holder::Us
+            } else {
+                let ip = l.public_ip.map(|i| i.to_string());
+                let ip6 = l.public_ipv6.map(|i| i.to_string());
+                Holder::Other(format!("public IP {}", ip.or(ip6).unwrap_or_default()))
+            }
+        }
+        Ok(None) => Holder::Other("no lease value".into()),
+        Err(why) => Holder::Other(format!("unreadable value: {why}")),
     }
 }
 
@@ -469,115 +649,56 @@ impl SubnetManager for EtcdManager {
     }
 
     async fn acquire(&self, conf: &NetConf, req: &LeaseRequest) -> anyhow::Result<Lease> {
-        for _attempt in 0..50 {
+        let mut backoff = Backoff::default();
+        let mut log = Throttle::new("acquiring a lease");
+        let mut races = 0;
+        loop {
             match self.try_acquire(conf, req).await {
                 Ok(Some((lease, own))) => {
+                    log.ok();
                     tracing::info!("leased {} (etcd lease {:x})", own.key, own.lease_id);
                     *self.own.lock().unwrap_or_else(|e| e.into_inner()) = Some(own);
                     return Ok(lease);
                 }
-                Ok(None) => tracing::info!("another node took the subnet first; trying again"),
+                Ok(None) => {
+                    races += 1;
+                    if races >= 50 {
+                        bail!("could not acquire a subnet lease: lost the race for one 50 times");
+                    }
+                    tracing::info!("another node took the subnet first; trying again");
+                }
+                // Running out of subnets does not heal by waiting.
+                Err(e) if e.to_string().starts_with("no free subnet") => return Err(e),
                 Err(e) => {
-                    tracing::warn!("acquiring a lease: {e:#}; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let d = backoff.next_delay();
+                    log.fail(&format_args!("{e:#}; retrying in {d:.1?}"));
+                    tokio::time::sleep(d).await;
                 }
             }
         }
-        bail!("could not acquire a subnet lease after 50 attempts")
     }
 
     async fn watch(&self, _conf: &NetConf, tx: mpsc::Sender<LeaseEvent>) {
-        let prefix = self.subnets_prefix();
-        let mut delay = Duration::from_millis(500);
+        let mut backoff = Backoff::default();
+        let mut log = Throttle::new("watching leases in etcd");
         loop {
-            let own_name = self
-                .own
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .map(|o| o.key.clone());
-            let own_name = own_name
-                .as_deref()
-                .and_then(|k| k.strip_prefix(&prefix))
-                .unwrap_or("")
-                .to_string();
-            let (items, rev) = match self.read_all().await {
-                Ok(x) => x,
-                Err(e) => {
+            match self.watch_once(&tx, &mut backoff, &mut log).await {
+                WatchEnd::Closed => return,
+                WatchEnd::Compacted(rev) => {
+                    // Our revision is gone: re-read now (one read per compaction), never wait.
                     self.metrics.watch_restarts.inc();
-                    tracing::warn!("reading leases from etcd: {e}; retrying in {delay:?}");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                    continue;
-                }
-            };
-            if !own_name.is_empty() && !items.iter().any(|(n, _, _)| *n == own_name) {
-                self.lost.notify_one();
-            }
-            let snap = items
-                .iter()
-                .filter(|(n, _, _)| *n != own_name)
-                .map(|(n, v, _)| (n.clone(), parse_lease(n, v)))
-                .collect();
-            if tx.send(LeaseEvent::Snapshot(snap)).await.is_err() {
-                return;
-            }
-            let mut c = self.client.clone();
-            let opts = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(rev + 1);
-            let mut stream = match c.watch(prefix.clone(), Some(opts)).await {
-                Ok(s) => s,
-                Err(e) => {
-                    self.metrics.watch_restarts.inc();
-                    tracing::warn!("watching {prefix}: {e}; retrying in {delay:?}");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
-                    continue;
-                }
-            };
-            delay = Duration::from_millis(500);
-            loop {
-                let resp = match stream.message().await {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!("etcd watch broke: {e}; re-reading");
-                        break;
-                    }
-                };
-                if resp.canceled() || resp.compact_revision() > 0 {
                     tracing::warn!(
-                        "etcd watch cancelled (compacted at {}); re-reading",
-                        resp.compact_revision()
+                        "etcd compacted the watched revisions (at {rev}); re-reading now"
                     );
-                    break;
                 }
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let Some(name) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else {
-                        continue;
-                    };
-                    if name == own_name {
-                        if ev.event_type() == EventType::Delete {
-                            tracing::warn!("our lease {name} was removed from etcd; restoring it");
-                            self.lost.notify_one();
-                        }
-                        continue;
-                    }
-                    let out = match ev.event_type() {
-                        EventType::Put => {
-                            LeaseEvent::Upsert(name.to_string(), parse_lease(name, kv.value()))
-                        }
-                        EventType::Delete => LeaseEvent::Remove(name.to_string()),
-                    };
-                    if tx.send(out).await.is_err() {
-                        return;
-                    }
+                WatchEnd::Broke(why) => {
+                    self.metrics.watch_restarts.inc();
+                    self.metrics.store.down(why.clone());
+                    let d = backoff.next_delay();
+                    log.fail(&format_args!("{why}; re-reading in {d:.1?}"));
+                    tokio::time::sleep(d).await;
                 }
             }
-            self.metrics.watch_restarts.inc();
-            tokio::time::sleep(delay).await;
         }
     }
 
@@ -585,44 +706,127 @@ impl SubnetManager for EtcdManager {
         Ok(())
     }
 
-    async fn keep_alive(&self, _own: &Lease, req: &LeaseRequest) {
-        let renew_every = LEASE_TTL
-            .saturating_sub(self.s.renew_margin)
-            .max(Duration::from_secs(60));
+    /// Renews our lease `--subnet-lease-renew-margin` before it expires, and
+    /// re-checks it at once when the watch saw our key change or vanish. Returns
+    /// only when another node holds our subnet: like upstream, the agent then
+    /// exits, and its restart acquires a new subnet cleanly (routes, device
+    /// address and subnet.env all change with it).
+    async fn keep_alive(&self, _own: &Lease, req: &LeaseRequest) -> anyhow::Error {
+        let every = renew_interval(self.s.lease_ttl, self.s.renew_margin);
         loop {
-            let lost = tokio::select! {
-                _ = tokio::time::sleep(renew_every) => false,
+            let check = tokio::select! {
+                _ = tokio::time::sleep(every) => false,
                 _ = self.lost.notified() => true,
             };
-            let Some(own) = self.own.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
-                return;
+            let Some(own) = self.own() else {
+                return anyhow::anyhow!("no lease is held");
             };
-            if own.lease_id == 0 && !lost {
+            if own.lease_id == 0 && !check {
                 continue; // a reservation never expires
             }
-            let renewed = async {
-                if !lost {
-                    let mut c = self.client.clone();
-                    let (mut keeper, mut stream) = c.lease_keep_alive(own.lease_id).await?;
-                    keeper.keep_alive().await?;
-                    if let Some(r) = stream.message().await? {
-                        if r.ttl() > 0 {
-                            return Ok::<Own, anyhow::Error>(own.clone());
-                        }
+            match self.keep(&own, req, check).await {
+                Keep::Kept(o) => {
+                    if o.lease_id == own.lease_id {
+                        self.metrics.lease_renewals.inc();
+                        tracing::info!("renewed lease {} (etcd lease {:x})", o.key, o.lease_id);
                     }
-                }
-                self.restore(&own, req).await
-            };
-            match renewed.await {
-                Ok(o) => {
-                    self.metrics.lease_renewals.inc();
-                    tracing::info!("renewed lease {} (etcd lease {:x})", o.key, o.lease_id);
                     *self.own.lock().unwrap_or_else(|e| e.into_inner()) = Some(o);
                 }
-                Err(e) => {
-                    tracing::error!("renewing our lease: {e:#}; retrying in 10s");
-                    tokio::time::sleep(Duration::from_secs(10)).await;
-                    self.lost.notify_one();
+                Keep::Taken(why) => {
+                    return anyhow::anyhow!(
+                        "{why}; exiting so that a restart acquires a new subnet"
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// How one read-then-watch round ended.
+enum WatchEnd {
+    /// The lease-event receiver is gone.
+    Closed,
+    Compacted(i64),
+    Broke(String),
+}
+
+impl EtcdManager {
+    /// Reads all leases, sends them as a Snapshot, then follows the watch from
+    /// the next revision (so nothing between the read and the watch is lost).
+    async fn watch_once(
+        &self,
+        tx: &mpsc::Sender<LeaseEvent>,
+        backoff: &mut Backoff,
+        log: &mut Throttle,
+    ) -> WatchEnd {
+        let prefix = self.subnets_prefix();
+        let own = self.own().map(|o| o.key).unwrap_or_default();
+        let own_name = own.strip_prefix(&prefix).unwrap_or("").to_string();
+        let (items, rev) = match self.read_all().await {
+            Ok(x) => x,
+            Err(e) => return WatchEnd::Broke(format!("reading leases from etcd: {e}")),
+        };
+        if !own_name.is_empty() && !items.iter().any(|(n, _, _)| *n == own_name) {
+            self.lost.notify_one();
+        }
+        let snap = items
+            .iter()
+            .filter(|(n, _, _)| *n != own_name)
+            .map(|(n, v, _)| (n.clone(), parse_lease(n, v)))
+            .collect();
+        if tx.send(LeaseEvent::Snapshot(snap)).await.is_err() {
+            return WatchEnd::Closed;
+        }
+        let mut c = self.client.clone();
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_progress_notify()
+            .with_start_revision(rev + 1);
+        let mut stream = match c.watch(prefix.clone(), Some(opts)).await {
+            Ok(s) => s,
+            Err(e) => return WatchEnd::Broke(format!("watching {prefix}: {e}")),
+        };
+        backoff.reset();
+        log.ok();
+        self.metrics.store.up();
+        loop {
+            let resp = match tokio::time::timeout(WATCH_IDLE, stream.message()).await {
+                Err(_) => return WatchEnd::Broke(format!("etcd watch silent for {WATCH_IDLE:?}")),
+                Ok(Err(e)) => return WatchEnd::Broke(format!("etcd watch broke: {e}")),
+                Ok(Ok(None)) => return WatchEnd::Broke("etcd ended the watch".into()),
+                Ok(Ok(Some(r))) => r,
+            };
+            if resp.compact_revision() > 0 {
+                return WatchEnd::Compacted(resp.compact_revision());
+            }
+            if resp.canceled() {
+                return WatchEnd::Broke(format!(
+                    "etcd cancelled the watch: {}",
+                    resp.cancel_reason()
+                ));
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let Some(name) = kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix)) else {
+                    continue;
+                };
+                if name == own_name {
+                    // Gone, or rewritten by someone else: let the renewer read it.
+                    let ours = self.own().is_some_and(|o| o.value.as_bytes() == kv.value());
+                    if ev.event_type() == EventType::Delete || !ours {
+                        tracing::warn!("our lease {name} changed in etcd; checking it");
+                        self.lost.notify_one();
+                    }
+                    continue;
+                }
+                let out = match ev.event_type() {
+                    EventType::Put => {
+                        LeaseEvent::Upsert(name.to_string(), parse_lease(name, kv.value()))
+                    }
+                    EventType::Delete => LeaseEvent::Remove(name.to_string()),
+                };
+                if tx.send(out).await.is_err() {
+                    return WatchEnd::Closed;
                 }
             }
         }
@@ -633,6 +837,74 @@ impl SubnetManager for EtcdManager {
 mod tests {
     use super::*;
     use crate::lease::{Mac, VxlanData};
+
+    #[test]
+    fn renewal_time_follows_the_margin() {
+        let h = Duration::from_secs(3600);
+        assert_eq!(renew_interval(24 * h, h), 23 * h);
+        // A margin not shorter than the TTL (a test TTL): half-life.
+        assert_eq!(
+            renew_interval(Duration::from_secs(8), h),
+            Duration::from_secs(4)
+        );
+        assert_eq!(
+            renew_interval(Duration::from_secs(2), h),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn our_key_is_ours_only_with_our_address() {
+        let d = BackendData::Vxlan(VxlanData {
+            vni: 1,
+            vtep_mac: "2e:b8:0a:81:03:b7".parse::<Mac>().unwrap(),
+        });
+        let req = LeaseRequest {
+            public_ip: Some("198.18.0.11".parse().unwrap()),
+            public_ipv6: None,
+            data: d,
+            data_v6: None,
+        };
+        let mine = lease_value(&req, true);
+        assert_eq!(holder("10.244.1.0-24", mine.as_bytes(), &req), Holder::Us);
+        // Another MAC (our device re-created) is still us: same address.
+        let other_mac = mine.replace("2e:b8", "2e:b9");
+        assert_eq!(
+            holder("10.244.1.0-24", other_mac.as_bytes(), &req),
+            Holder::Us
+        );
+        let theirs = mine.replace("198.18.0.11", "198.18.0.99");
+        assert_eq!(
+            holder("10.244.1.0-24", theirs.as_bytes(), &req),
+            Holder::Other("public IP 198.18.0.99".into())
+        );
+        assert!(matches!(
+            holder("10.244.1.0-24", b"garbage", &req),
+            Holder::Other(_)
+        ));
+    }
+
+    #[test]
+    fn only_configuration_errors_are_fatal() {
+        use tonic::{Code, Status};
+        let s = |c, m: &str| etcd_client::Error::GRpcStatus(Status::new(c, m));
+        assert!(fatal(&s(
+            Code::InvalidArgument,
+            "etcdserver: authentication failed, invalid user ID or password"
+        )));
+        assert!(fatal(&s(
+            Code::PermissionDenied,
+            "etcdserver: permission denied"
+        )));
+        assert!(!fatal(&s(Code::Unavailable, "etcdserver: no leader")));
+        assert!(!fatal(&s(
+            Code::Unauthenticated,
+            "etcdserver: invalid auth token"
+        )));
+        assert!(!fatal(&etcd_client::Error::WatchError(
+            "watch stream closed".into()
+        )));
+    }
 
     #[test]
     fn key_names_round_trip() {
@@ -740,7 +1012,11 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn parse_never_panics(k in "[0-9a-f.:&-]{0,30}", v in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
-            let _ = parse_lease(&k, &v);
+            // Accepted only for a key that names a subnet, and then the key
+            // written for that lease is the key it was read from.
+            if let Ok(Some(l)) = parse_lease(&k, &v) {
+                proptest::prop_assert_eq!(key_name(l.subnet, l.ipv6_subnet), k.clone());
+            }
         }
     }
 }

@@ -9,14 +9,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt;
 use kube::{Client, Config};
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -25,6 +24,13 @@ use super::{LeaseEvent, LeaseRequest, PeerRead, SubnetManager};
 use crate::config::netconf::NetConf;
 use crate::lease::{BackendData, Lease};
 use crate::metrics::Metrics;
+use crate::retry::{self, Backoff, Throttle};
+
+/// The API server ends each watch after this long and the agent re-watches; with
+/// [`READ_TIMEOUT`] it bounds how long a dead (half-open) connection goes unnoticed.
+const WATCH_TIMEOUT_S: u32 = 60;
+/// No byte from the API server for this long on any request: the connection is dead.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(75);
 
 /// Initial-list items per [`LeaseEvent::Preview`] (the list's page size).
 const PREVIEW_BATCH: usize = 500;
@@ -211,8 +217,11 @@ impl KubeManager {
                 .await
                 .context("loading kubeconfig")?
         } else if !s.api_url.is_empty() {
-            Config::incluster()
-                .unwrap_or_else(|_| Config::new(s.api_url.parse().expect("checked below")))
+            let url = s
+                .api_url
+                .parse()
+                .with_context(|| format!("--kube-api-url {:?} is not a URL", s.api_url))?;
+            Config::incluster().unwrap_or_else(|_| Config::new(url))
         } else {
             Config::incluster().context("not in a pod: set --kubeconfig-file or --kube-api-url")?
         };
@@ -222,6 +231,7 @@ impl KubeManager {
                 .parse()
                 .with_context(|| format!("--kube-api-url {:?} is not a URL", s.api_url))?;
         }
+        config.read_timeout = Some(READ_TIMEOUT);
         let client = Client::try_from(config).context("building the Kubernetes client")?;
         let node_name = node_name(&client).await?;
         let queue_depth = std::env::var("EVENT_QUEUE_DEPTH")
@@ -246,6 +256,151 @@ impl KubeManager {
 
     pub fn node_name(&self) -> &str {
         &self.node_name
+    }
+
+    /// Waits, event-driven, until the Node has the podCIDRs the config needs.
+    /// The API being away is waited out; a forbidden watch is fatal.
+    async fn wait_pod_cidrs(
+        &self,
+        conf: &NetConf,
+    ) -> anyhow::Result<(Option<IpNetwork>, Option<IpNetwork>)> {
+        let lite: Api<NodeLite> = Api::all(self.client.clone());
+        let cfg = watcher::Config::default()
+            .fields(&format!("metadata.name={}", self.node_name))
+            .timeout(WATCH_TIMEOUT_S);
+        let mut backoff = Backoff::default();
+        let mut log = Throttle::new(format!("waiting for node {}", self.node_name));
+        let mut told = false;
+        loop {
+            let mut stream = watcher::watcher(lite.clone(), cfg.clone()).boxed();
+            while let Some(ev) = stream.next().await {
+                let n = match ev {
+                    Ok(Event::Apply(n) | Event::InitApply(n)) => n,
+                    Ok(Event::InitDone) if !told => {
+                        tracing::info!(
+                            "waiting for node {} to be registered and assigned a podCIDR",
+                            self.node_name
+                        );
+                        told = true;
+                        continue;
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        if let watcher::Error::InitialListFailed(k)
+                        | watcher::Error::WatchStartFailed(k)
+                        | watcher::Error::WatchFailed(k) = &e
+                        {
+                            if fatal(k) {
+                                bail!("watching node {}: {}", self.node_name, watch_error(&e).1);
+                            }
+                        }
+                        let (gone, why) = watch_error(&e);
+                        if !gone {
+                            let d = backoff.next_delay();
+                            log.fail(&format_args!("{why}; retrying in {d:.1?}"));
+                            tokio::time::sleep(d).await;
+                        }
+                        break;
+                    }
+                };
+                backoff.reset();
+                log.ok();
+                let spec = n.spec.unwrap_or_default();
+                let (v4, v6) = pod_cidrs(
+                    spec.pod_cidr.as_deref(),
+                    spec.pod_cidrs.as_deref().unwrap_or(&[]),
+                )
+                .map_err(|e| anyhow::anyhow!("node {}: {e}", self.node_name))?;
+                if (conf.v4.is_none() || v4.is_some()) && (conf.v6.is_none() || v6.is_some()) {
+                    return Ok((v4, v6));
+                }
+                if !told {
+                    tracing::info!(
+                        "waiting for node {} to be assigned a podCIDR",
+                        self.node_name
+                    );
+                    told = true;
+                }
+            }
+        }
+    }
+
+    /// Folds one watcher stream into lease events until it fails (returns the
+    /// error) or the receiver is gone (None). A complete list marks the store up.
+    async fn follow(
+        &self,
+        mut stream: futures::stream::BoxStream<'_, Result<Event<NodeLite>, watcher::Error>>,
+        tx: &mpsc::Sender<LeaseEvent>,
+        backoff: &mut Backoff,
+        log: &mut Throttle,
+    ) -> Option<watcher::Error> {
+        // Initial/re-list items with their creation time: on a subnet conflict the older Node wins.
+        let mut init: Vec<(String, String, PeerRead)> = Vec::new();
+        let read = |n: &NodeLite| -> (String, PeerRead) {
+            let name = n.metadata.name.clone().unwrap_or_default();
+            let empty = BTreeMap::new();
+            let ann = n.metadata.annotations.as_ref().unwrap_or(&empty);
+            let spec = n.spec.as_ref();
+            let cidr = spec.and_then(|s| s.pod_cidr.as_deref());
+            let cidrs = spec.and_then(|s| s.pod_cidrs.as_deref()).unwrap_or(&[]);
+            (name, lease_from_node(&self.prefix, ann, cidr, cidrs))
+        };
+        while let Some(ev) = stream.next().await {
+            let out = match ev {
+                Err(e) => return Some(e),
+                Ok(Event::Init) => {
+                    init.clear();
+                    None
+                }
+                Ok(Event::InitApply(n)) => {
+                    let (name, lease) = read(&n);
+                    if name == self.node_name {
+                        continue;
+                    }
+                    let created = n
+                        .metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .map(|t| t.0.to_string())
+                        .unwrap_or_default();
+                    init.push((created, name, lease));
+                    // Each page's worth goes out ahead, so programming overlaps the list.
+                    (init.len() % PREVIEW_BATCH == 0).then(|| {
+                        LeaseEvent::Preview(
+                            init[init.len() - PREVIEW_BATCH..]
+                                .iter()
+                                .map(|(_, n, l)| (n.clone(), l.clone()))
+                                .collect(),
+                        )
+                    })
+                }
+                Ok(Event::InitDone) => {
+                    let mut items = std::mem::take(&mut init);
+                    items.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+                    backoff.reset();
+                    log.ok();
+                    self.metrics.store.up();
+                    Some(LeaseEvent::Snapshot(
+                        items.into_iter().map(|(_, n, l)| (n, l)).collect(),
+                    ))
+                }
+                Ok(Event::Apply(n)) => {
+                    let (name, lease) = read(&n);
+                    (name != self.node_name).then_some(LeaseEvent::Upsert(name, lease))
+                }
+                Ok(Event::Delete(n)) => {
+                    let name = n.metadata.name.unwrap_or_default();
+                    (name != self.node_name).then_some(LeaseEvent::Remove(name))
+                }
+            };
+            if let Some(ev) = out {
+                if tx.send(ev).await.is_err() {
+                    return None;
+                }
+            }
+        }
+        // The watcher stream never ends by itself; treat it as a broken watch.
+        Some(watcher::Error::NoResourceVersion)
     }
 
     fn key(&self, n: &str) -> String {
@@ -314,14 +469,67 @@ async fn node_name(client: &Client) -> anyhow::Result<String> {
     let (Ok(pod), Ok(ns)) = (std::env::var("POD_NAME"), std::env::var("POD_NAMESPACE")) else {
         bail!("set NODE_NAME, or POD_NAME and POD_NAMESPACE, so flanneld knows its node");
     };
-    let p: Pod = Api::namespaced(client.clone(), &ns)
-        .get(&pod)
-        .await
-        .with_context(|| format!("getting pod {ns}/{pod}"))?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    // The pod runs this very process, so "not found" means POD_NAME is wrong.
+    let p = retry::until_ok(
+        &format!("getting pod {ns}/{pod}"),
+        |e| fatal(e) || is_code(e, 404),
+        || pods.get(&pod),
+    )
+    .await
+    .map_err(|e| config_error(e, &format!("getting pod {ns}/{pod}")))?;
     p.spec
         .and_then(|s| s.node_name)
         .filter(|n| !n.is_empty())
         .with_context(|| format!("pod {ns}/{pod} has no nodeName"))
+}
+
+fn is_code(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+/// Errors no retry heals: the credentials are refused (401) or RBAC forbids
+/// the call (403). Everything else (connection refused, timeouts, 5xx, 429)
+/// is transient and retried.
+fn fatal(e: &kube::Error) -> bool {
+    is_code(e, 401) || is_code(e, 403)
+}
+
+/// One clear message for an error that stops the agent.
+fn config_error(e: kube::Error, what: &str) -> anyhow::Error {
+    let hint = if is_code(&e, 403) {
+        " (RBAC: flanneld's ClusterRole needs get on pods, get/list/watch on nodes and patch on nodes/status, as in deploy/kube-flannel.yml)"
+    } else if is_code(&e, 401) {
+        " (the API server refused the credentials: check the service account token or --kubeconfig-file)"
+    } else {
+        ""
+    };
+    anyhow::anyhow!("{what}: {e}{hint}")
+}
+
+/// Watch errors: (re-list at once, reason for /readyz). A `410 Gone` means our
+/// resourceVersion is too old (e.g. a restarted API server): waiting helps nothing.
+fn watch_error(e: &watcher::Error) -> (bool, String) {
+    let gone = match e {
+        watcher::Error::WatchError(s) => s.code == 410,
+        watcher::Error::InitialListFailed(k)
+        | watcher::Error::WatchStartFailed(k)
+        | watcher::Error::WatchFailed(k) => is_code(k, 410),
+        _ => false,
+    };
+    let rbac = match e {
+        watcher::Error::WatchError(s) => s.code == 403,
+        watcher::Error::InitialListFailed(k)
+        | watcher::Error::WatchStartFailed(k)
+        | watcher::Error::WatchFailed(k) => fatal(k),
+        _ => false,
+    };
+    let hint = if rbac {
+        " (RBAC: flanneld needs list/watch on nodes)"
+    } else {
+        ""
+    };
+    (gone, format!("{e}{hint}"))
 }
 
 impl SubnetManager for KubeManager {
@@ -331,46 +539,7 @@ impl SubnetManager for KubeManager {
 
     async fn acquire(&self, conf: &NetConf, req: &LeaseRequest) -> anyhow::Result<Lease> {
         let nodes: Api<Node> = Api::all(self.client.clone());
-        let lite: Api<NodeLite> = Api::all(self.client.clone());
-        // Wait for the podCIDR, event-driven (no polling).
-        let mut stream = watcher::watcher(
-            lite,
-            watcher::Config::default().fields(&format!("metadata.name={}", self.node_name)),
-        )
-        .default_backoff()
-        .applied_objects()
-        .boxed();
-        let mut told = false;
-        let (v4, v6) = loop {
-            match stream.try_next().await {
-                Ok(Some(n)) => {
-                    let spec = n.spec.unwrap_or_default();
-                    let (v4, v6) = pod_cidrs(
-                        spec.pod_cidr.as_deref(),
-                        spec.pod_cidrs.as_deref().unwrap_or(&[]),
-                    )
-                    .map_err(|e| anyhow::anyhow!("node {}: {e}", self.node_name))?;
-                    if (conf.v4.is_none() || v4.is_some()) && (conf.v6.is_none() || v6.is_some()) {
-                        break (v4, v6);
-                    }
-                    if !told {
-                        tracing::info!(
-                            "waiting for node {} to be assigned a podCIDR",
-                            self.node_name
-                        );
-                        told = true;
-                    }
-                }
-                Ok(None) => bail!("watch of node {} ended", self.node_name),
-                Err(e) => {
-                    if !told {
-                        tracing::warn!("waiting for node {}: {e}", self.node_name);
-                        told = true;
-                    }
-                }
-            }
-        };
-        drop(stream);
+        let (v4, v6) = self.wait_pod_cidrs(conf).await?;
         for (n, pool, fam) in [(v4, &conf.v4, "Network"), (v6, &conf.v6, "IPv6Network")] {
             if let (Some(n), Some(p)) = (n, pool) {
                 if !crate::subnet::is_proper_subnet(&p.network, &n) {
@@ -382,10 +551,10 @@ impl SubnetManager for KubeManager {
                 }
             }
         }
-        let node = nodes
-            .get(&self.node_name)
+        let what = format!("getting node {}", self.node_name);
+        let node = retry::until_ok(&what, fatal, || nodes.get(&self.node_name))
             .await
-            .with_context(|| format!("getting node {}", self.node_name))?;
+            .map_err(|e| config_error(e, &what))?;
         let have = node.metadata.annotations.clone().unwrap_or_default();
         let (want, pub4, pub6) = self.wanted_annotations(&have, conf, req);
         let differ: BTreeMap<&String, &String> = want
@@ -399,14 +568,13 @@ impl SubnetManager for KubeManager {
             );
         } else {
             let patch = serde_json::json!({ "metadata": { "annotations": differ } });
-            nodes
-                .patch_status(
-                    &self.node_name,
-                    &PatchParams::default(),
-                    &Patch::Strategic(&patch),
-                )
-                .await
-                .with_context(|| format!("publishing annotations on node {}", self.node_name))?;
+            let what = format!("publishing annotations on node {}", self.node_name);
+            let (pp, patch) = (PatchParams::default(), Patch::Strategic(&patch));
+            retry::until_ok(&what, fatal, || {
+                nodes.patch_status(&self.node_name, &pp, &patch)
+            })
+            .await
+            .map_err(|e| config_error(e, &what))?;
             tracing::info!("published lease annotations on node {}", self.node_name);
         }
         Ok(Lease {
@@ -422,80 +590,29 @@ impl SubnetManager for KubeManager {
     async fn watch(&self, conf: &NetConf, tx: mpsc::Sender<LeaseEvent>) {
         let _ = conf;
         let api: Api<NodeLite> = Api::all(self.client.clone());
-        let mut stream = watcher::watcher(
-            api,
-            watcher::Config::default().page_size(PREVIEW_BATCH as u32),
-        )
-        .default_backoff()
-        .boxed();
-        // Initial/re-list items with their creation time: on a subnet conflict the older Node wins.
-        let mut init: Option<Vec<(String, String, PeerRead)>> = None;
-        let read = |n: &NodeLite| -> (String, PeerRead) {
-            let name = n.metadata.name.clone().unwrap_or_default();
-            let empty = BTreeMap::new();
-            let ann = n.metadata.annotations.as_ref().unwrap_or(&empty);
-            let spec = n.spec.as_ref();
-            let cidr = spec.and_then(|s| s.pod_cidr.as_deref());
-            let cidrs = spec.and_then(|s| s.pod_cidrs.as_deref()).unwrap_or(&[]);
-            (name, lease_from_node(&self.prefix, ann, cidr, cidrs))
-        };
-        while let Some(ev) = stream.next().await {
-            let out = match ev {
-                Ok(Event::Init) => {
-                    init = Some(Vec::new());
-                    None
-                }
-                Ok(Event::InitApply(n)) => {
-                    let (name, lease) = read(&n);
-                    if name != self.node_name {
-                        let created = n
-                            .metadata
-                            .creation_timestamp
-                            .as_ref()
-                            .map(|t| t.0.to_string())
-                            .unwrap_or_default();
-                        let items = init.get_or_insert_with(Vec::new);
-                        items.push((created, name, lease));
-                        // Each page's worth goes out ahead, so programming overlaps the list.
-                        if items.len() % PREVIEW_BATCH == 0 {
-                            let page = &items[items.len() - PREVIEW_BATCH..];
-                            Some(LeaseEvent::Preview(
-                                page.iter()
-                                    .map(|(_, n, l)| (n.clone(), l.clone()))
-                                    .collect(),
-                            ))
-                        } else {
-                            None
-                        }
-                    } else {
-                        None
-                    }
-                }
-                Ok(Event::InitDone) => {
-                    let mut items = init.take().unwrap_or_default();
-                    items.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-                    Some(LeaseEvent::Snapshot(
-                        items.into_iter().map(|(_, n, l)| (n, l)).collect(),
-                    ))
-                }
-                Ok(Event::Apply(n)) => {
-                    let (name, lease) = read(&n);
-                    (name != self.node_name).then_some(LeaseEvent::Upsert(name, lease))
-                }
-                Ok(Event::Delete(n)) => {
-                    let name = n.metadata.name.unwrap_or_default();
-                    (name != self.node_name).then_some(LeaseEvent::Remove(name))
-                }
-                Err(e) => {
-                    self.metrics.watch_restarts.inc();
-                    tracing::warn!("watching nodes: {e}; retrying with backoff");
-                    None
-                }
+        let cfg = watcher::Config::default()
+            .page_size(PREVIEW_BATCH as u32)
+            .timeout(WATCH_TIMEOUT_S);
+        let mut backoff = Backoff::default();
+        let mut log = Throttle::new("watching nodes");
+        // Every (re)connection lists afresh: whatever changed while the API server
+        // was away (Nodes added, deleted, re-annotated) arrives in that Snapshot.
+        loop {
+            let stream = watcher::watcher(api.clone(), cfg.clone()).boxed();
+            let Some(e) = self.follow(stream, &tx, &mut backoff, &mut log).await else {
+                return; // the reconciler is gone
             };
-            if let Some(ev) = out {
-                if tx.send(ev).await.is_err() {
-                    return;
-                }
+            self.metrics.watch_restarts.inc();
+            let (gone, why) = watch_error(&e);
+            self.metrics.store.down(why.clone());
+            if gone {
+                // Too old a resourceVersion: re-list now, never wait.
+                tracing::warn!("watching nodes: {why}; re-listing now");
+                backoff.reset();
+            } else {
+                let d = backoff.next_delay();
+                log.fail(&format_args!("{why}; re-listing in {d:.1?}"));
+                tokio::time::sleep(d).await;
             }
         }
     }
@@ -505,10 +622,10 @@ impl SubnetManager for KubeManager {
             return Ok(());
         }
         let nodes: Api<Node> = Api::all(self.client.clone());
-        let node = nodes
-            .get(&self.node_name)
+        let what = format!("getting node {}", self.node_name);
+        let node = retry::until_ok(&what, fatal, || nodes.get(&self.node_name))
             .await
-            .with_context(|| format!("getting node {}", self.node_name))?;
+            .map_err(|e| config_error(e, &what))?;
         let already = node
             .status
             .and_then(|s| s.conditions)
@@ -531,19 +648,16 @@ impl SubnetManager for KubeManager {
             "lastTransitionTime": now,
             "lastHeartbeatTime": now,
         }]}});
-        nodes
-            .patch_status(
-                &self.node_name,
-                &PatchParams::default(),
-                &Patch::Strategic(&patch),
-            )
-            .await
-            .with_context(|| {
-                format!(
-                    "setting NetworkUnavailable=False on node {}",
-                    self.node_name
-                )
-            })?;
+        let what = format!(
+            "setting NetworkUnavailable=False on node {}",
+            self.node_name
+        );
+        let (pp, patch) = (PatchParams::default(), Patch::Strategic(&patch));
+        retry::until_ok(&what, fatal, || {
+            nodes.patch_status(&self.node_name, &pp, &patch)
+        })
+        .await
+        .map_err(|e| config_error(e, &what))?;
         tracing::info!(
             "set NetworkUnavailable=False (FlannelIsUp) on node {}",
             self.node_name
@@ -551,9 +665,9 @@ impl SubnetManager for KubeManager {
         Ok(())
     }
 
-    async fn keep_alive(&self, _own: &Lease, _req: &LeaseRequest) {
+    async fn keep_alive(&self, _own: &Lease, _req: &LeaseRequest) -> anyhow::Error {
         // The podCIDR lease never expires.
-        std::future::pending::<()>().await
+        std::future::pending().await
     }
 }
 
@@ -702,9 +816,15 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn never_panics(data in ".{0,80}", ip in ".{0,20}", cidr in "[0-9./:a-f]{0,20}", ty in "(vxlan|host-gw|.{0,5})") {
+        fn accepted_leases_carry_the_nodes_cidr_and_address(data in ".{0,80}", ip in ".{0,20}", cidr in "[0-9./:a-f]{0,20}", ty in "(vxlan|host-gw|.{0,5})") {
             let a = ann(&[("kube-subnet-manager", "true"), ("backend-type", &ty), ("backend-data", &data), ("public-ip", &ip)]);
-            let _ = lease_from_node(P, &a, Some(&cidr), std::slice::from_ref(&cidr));
+            // Accepted only with the Node's own podCIDR and the annotated address.
+            if let Ok(Some(l)) = lease_from_node(P, &a, Some(&cidr), std::slice::from_ref(&cidr)) {
+                let n: IpNetwork = cidr.parse().unwrap();
+                proptest::prop_assert_eq!(l.subnet.map(|s| (s.ip(), s.prefix())), Some((n.network(), n.prefix())));
+                proptest::prop_assert_eq!(l.public_ip.map(|p| p.to_string()), Some(ip.clone()));
+                proptest::prop_assert!(ty == "vxlan" || ty == "host-gw");
+            }
         }
     }
 }

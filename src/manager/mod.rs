@@ -50,7 +50,9 @@ pub trait SubnetManager: Send + Sync + 'static {
         req: &LeaseRequest,
     ) -> impl Future<Output = anyhow::Result<Lease>> + Send;
 
-    /// Streams peer leases into `tx` until `tx` closes. Reconnects by itself.
+    /// Streams peer leases into `tx` until `tx` closes. Reconnects by itself with
+    /// the store backoff, re-reads everything after a reconnect (a Snapshot),
+    /// and marks `metrics.store` down while the watch is broken.
     fn watch(
         &self,
         conf: &NetConf,
@@ -60,6 +62,12 @@ pub trait SubnetManager: Send + Sync + 'static {
     /// Tells the world this node's dataplane is up (kube: NetworkUnavailable=False).
     fn complete(&self) -> impl Future<Output = anyhow::Result<()>> + Send;
 
-    /// Keeps the own lease alive (etcd: renewals); returns only on shutdown.
-    fn keep_alive(&self, own: &Lease, req: &LeaseRequest) -> impl Future<Output = ()> + Send;
+    /// Keeps the own lease alive (etcd: renewals, retried through outages).
+    /// Returns only when the lease cannot be kept (another node holds our
+    /// subnet); the agent then exits with that message.
+    fn keep_alive(
+        &self,
+        own: &Lease,
+        req: &LeaseRequest,
+    ) -> impl Future<Output = anyhow::Error> + Send;
 }
