@@ -27,7 +27,10 @@
 #   etcdctl <lab> [args...]
 #   exec <lab> <netns-suffix> <cmd...>   run a command in one of the lab's namespaces
 #   signal <lab> <etcd|apiserver> <SIG>  e.g. STOP/CONT to freeze and thaw the control plane
-#   etcd-restart <lab>                   stop etcd (TERM) and start it again on the same data
+#   etcd-restart <lab> [etcd args...]    stop etcd (TERM) and start it again on the same data
+#                                        (extra args, e.g. --auth-token-ttl 3, are kept for later starts)
+#   stop <lab> <etcd|apiserver> [SIG]    end it (KILL for a crash), keeping its data
+#   start <lab> <etcd|apiserver>         start it again on the same data; waits until it answers
 #   etcd-tls <lab>                       a second etcd on :2381 requiring client certificates
 #   down <lab>
 set -euo pipefail
@@ -163,7 +166,9 @@ attach() { # attach <ns-suffix> <port-name> <ip/len> [gw] [ip6/len] [gw6]
 
 start_etcd() {
   mkdir -p "$DIR/etcd"
-  start_bg etcd cp etcd --name lab --data-dir "$DIR/etcd" \
+  local extra=()
+  [ ! -s "$DIR/etcd.args" ] || read -r -a extra <"$DIR/etcd.args"
+  start_bg etcd cp etcd --name lab --data-dir "$DIR/etcd" "${extra[@]}" \
     --listen-client-urls "http://127.0.0.1:2379,http://$CP_IP:2379" \
     --advertise-client-urls "http://$CP_IP:2379" \
     --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
@@ -198,6 +203,12 @@ up_control_plane() {
   if has_v6; then attach cp cp "$CP_IP/16" "" "$CP_IP6/64"; else attach cp cp "$CP_IP/16"; fi
   start_etcd
   [ "${MODE:-kube}" = kube ] || return 0
+  start_apiserver
+  wait_for 30 "RBAC bootstrap" kubectl_ get clusterrole cluster-admin
+  kubectl_ apply -f "$TOP/deploy/kube-flannel.yml" >/dev/null
+}
+
+start_apiserver() {
   [ -x "$KUBE_APISERVER" ] || die "$KUBE_APISERVER missing: run scripts/install-deps.sh"
   start_bg apiserver cp "$KUBE_APISERVER" \
     --etcd-servers http://127.0.0.1:2379 \
@@ -210,8 +221,6 @@ up_control_plane() {
     --feature-gates IPv6DualStack=true \
     --enable-priority-and-fairness=false --profiling=false --logtostderr=true --v=0
   wait_for 90 "kube-apiserver" kubectl_ get --raw /readyz
-  wait_for 30 "RBAC bootstrap" kubectl_ get clusterrole cluster-admin
-  kubectl_ apply -f "$TOP/deploy/kube-flannel.yml" >/dev/null
 }
 
 node_object() {
@@ -391,7 +400,9 @@ case $cmd in
   kubectl) kubectl_ "$@";;
   etcdctl) in_ns cp etcdctl --endpoints http://127.0.0.1:2379 "$@";;
   exec) n=$1; shift; in_ns "$n" "$@";;
-  etcd-restart) stop_pid "$DIR/etcd.pid" TERM; start_etcd;;
+  etcd-restart) stop_pid "$DIR/etcd.pid" TERM; [ $# = 0 ] || echo "$*" >"$DIR/etcd.args"; start_etcd;;
+  stop) [[ "$1" =~ ^(etcd|apiserver)$ ]] || die "stop: etcd or apiserver"; stop_pid "$DIR/$1.pid" "${2:-TERM}";;
+  start) case $1 in etcd) start_etcd;; apiserver) start_apiserver;; *) die "start: etcd or apiserver";; esac;;
   signal) [[ "$1" =~ ^(etcd|apiserver)$ ]] || die "signal: etcd or apiserver"; kill -s "$2" "$(cat "$DIR/$1.pid")";;
   etcd-tls) etcd_tls;;
   down) cmd_down;;
