@@ -173,7 +173,8 @@ start_etcd() {
     --advertise-client-urls "http://$CP_IP:2379" \
     --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
     --initial-cluster lab=http://127.0.0.1:2380
-  wait_for 30 etcd in_ns cp etcdctl --endpoints http://127.0.0.1:2379 endpoint health
+  # /version answers without credentials, also once auth is enabled.
+  wait_for 30 etcd in_ns cp curl -sf http://127.0.0.1:2379/version
 }
 
 etcd_tls() {

@@ -20,8 +20,16 @@ fn init_logging(flags: &Flags) {
         1..=4 => "debug",
         _ => "trace",
     };
+    // The Kubernetes client logs every failed request itself, unthrottled; the
+    // agent logs the same failures (rate-limited, with context), so at the default
+    // level those lines are left out. -v or RUST_LOG brings them back.
+    let default = if flags.verbosity == 0 {
+        format!("{level},kube_client=off,kube_runtime=off")
+    } else {
+        level.to_string()
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

@@ -625,26 +625,33 @@ fn holder(name: &str, value: &[u8], req: &LeaseRequest) -> Holder {
 impl SubnetManager for EtcdManager {
     async fn network_config(&self) -> anyhow::Result<NetConf> {
         let key = format!("{}/config", self.s.prefix.trim_end_matches('/'));
+        let mut backoff = Backoff::default();
+        let mut log = Throttle::new(format!("reading {key}"));
         let mut told = false;
         loop {
             let mut c = self.client.clone();
             match c.get(key.clone(), None).await {
-                Ok(r) => match r.kvs().first() {
-                    Some(kv) => {
+                Ok(r) => {
+                    log.ok();
+                    backoff.reset();
+                    if let Some(kv) = r.kvs().first() {
                         let text = String::from_utf8_lossy(kv.value());
                         return NetConf::parse(&text)
                             .with_context(|| format!("network configuration in {key}"));
                     }
-                    None => {
-                        if !told {
-                            tracing::warn!("waiting for the network configuration at {key}");
-                            told = true;
-                        }
+                    if !told {
+                        tracing::warn!("waiting for the network configuration at {key}");
+                        told = true;
                     }
-                },
-                Err(e) => tracing::warn!("reading {key}: {e}"),
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                Err(e) if fatal(&e) => return Err(e).with_context(|| format!("reading {key}")),
+                Err(e) => {
+                    let d = backoff.next_delay();
+                    log.fail(&format_args!("{e}; retrying in {d:.1?}"));
+                    tokio::time::sleep(d).await;
+                }
             }
-            tokio::time::sleep(Duration::from_secs(2)).await;
         }
     }
 

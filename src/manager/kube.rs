@@ -286,14 +286,6 @@ impl KubeManager {
                     }
                     Ok(_) => continue,
                     Err(e) => {
-                        if let watcher::Error::InitialListFailed(k)
-                        | watcher::Error::WatchStartFailed(k)
-                        | watcher::Error::WatchFailed(k) = &e
-                        {
-                            if fatal(k) {
-                                bail!("watching node {}: {}", self.node_name, watch_error(&e).1);
-                            }
-                        }
                         let (gone, why) = watch_error(&e);
                         if !gone {
                             let d = backoff.next_delay();
@@ -488,16 +480,20 @@ fn is_code(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
 
-/// Errors no retry heals: the credentials are refused (401) or RBAC forbids
-/// the call (403). Everything else (connection refused, timeouts, 5xx, 429)
-/// is transient and retried.
+/// Errors no retry heals: a request the API server calls malformed or
+/// unprocessable. Everything else is retried: connection errors, timeouts, 5xx,
+/// 429, and also 401/403 — a restarted API server answers 403 for its first
+/// second, until its RBAC cache has synced; while it lasts, the hint naming
+/// the permissions is logged every 10 s.
 fn fatal(e: &kube::Error) -> bool {
-    is_code(e, 401) || is_code(e, 403)
+    [400, 405, 413, 415, 422].iter().any(|c| is_code(e, *c))
 }
 
 /// One clear message for an error that stops the agent.
 fn config_error(e: kube::Error, what: &str) -> anyhow::Error {
-    let hint = if is_code(&e, 403) {
+    let hint = if is_code(&e, 404) {
+        " (set NODE_NAME, or POD_NAME and POD_NAMESPACE to this pod's)"
+    } else if is_code(&e, 403) {
         " (RBAC: flanneld's ClusterRole needs get on pods, get/list/watch on nodes and patch on nodes/status, as in deploy/kube-flannel.yml)"
     } else if is_code(&e, 401) {
         " (the API server refused the credentials: check the service account token or --kubeconfig-file)"
@@ -521,11 +517,11 @@ fn watch_error(e: &watcher::Error) -> (bool, String) {
         watcher::Error::WatchError(s) => s.code == 403,
         watcher::Error::InitialListFailed(k)
         | watcher::Error::WatchStartFailed(k)
-        | watcher::Error::WatchFailed(k) => fatal(k),
+        | watcher::Error::WatchFailed(k) => is_code(k, 403) || is_code(k, 401),
         _ => false,
     };
     let hint = if rbac {
-        " (RBAC: flanneld needs list/watch on nodes)"
+        " (RBAC: flanneld needs list/watch on nodes; normal for a second after an API server restart)"
     } else {
         ""
     };

@@ -93,6 +93,34 @@ impl Lab {
         self.sh("flannel-start", &a);
     }
 
+    /// Like [`Lab::start_flannel`], with extra environment for the agent.
+    pub fn start_flannel_env(&self, node: u32, env: &[(&str, &str)], extra: &[&str]) {
+        let mut a = vec!["flannel-start", self.name.as_str()];
+        let n = node.to_string();
+        a.push(&n);
+        a.extend_from_slice(extra);
+        let o = Command::new("timeout")
+            .args(["-k", "5", "60", "bash"])
+            .arg(top().join("scripts/lab.sh"))
+            .args(&a)
+            .env("FLANNELD", env!("CARGO_BIN_EXE_flanneld"))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .expect("running scripts/lab.sh");
+        assert!(
+            o.status.success(),
+            "flannel-start: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// An HTTP GET from the control-plane namespace (e.g. a node's /readyz).
+    pub fn http_get(&self, url: &str) -> String {
+        let o = self.try_sh("exec", &["cp", "curl", "-s", "-m", "5", url]);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
     pub fn stop_flannel(&self, node: u32, signal: &str) {
         self.sh("flannel-stop", &[&node.to_string(), signal]);
     }
