@@ -109,6 +109,7 @@ fn kube_apiserver_killed_and_restarted() {
 
     let (sent, got) = lost_pings(pinger);
     assert_eq!(sent, got, "pings lost across the API server outage");
+    assert!(lab.ping("p2", &p1, 2, "0.2"));
     let p3 = lab.add_pod(3, "p3");
     assert!(lab.reaches("p1", &p3, 2));
     for n in [1, 2, 3] {
@@ -295,7 +296,7 @@ fn etcd_auth_tokens_expire_and_are_refreshed() {
             lab.routes(n).len() == 2
         });
     }
-    let p1 = lab.add_pod(1, "p1");
+    lab.add_pod(1, "p1");
     let p3 = lab.add_pod(3, "p3");
     assert!(lab.reaches("p1", &p3, 2));
     for n in [1, 2, 3] {
