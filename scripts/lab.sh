@@ -62,7 +62,21 @@ ipv4_network() { # 10.244.1.1/24 -> 10.244.1.0/24
   local n=$(( (a << 24 | b << 16 | c << 8 | d) & (0xffffffff << (32 - len)) & 0xffffffff ))
   echo "$((n >> 24 & 255)).$((n >> 16 & 255)).$((n >> 8 & 255)).$((n & 255))/$len"
 }
-in_ns() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
+# netns_exec <netns> <cmd...>: `ip netns exec`, which needs / to be a mount point.
+# Inside a chroot (e.g. ../shared/tools/fresh-machine.sh) it is not; there the same is
+# done by hand: enter the net namespace, and in a private mount namespace mount that
+# namespace's sysfs over /sys (private first, so nothing propagates to the host).
+# LAB_NSENTER=1 takes that path anywhere (to test it).
+if mountpoint -q / && [ -z "${LAB_NSENTER:-}" ]; then
+  netns_exec() { ip netns exec "$@"; }
+else
+  netns_exec() {
+    local n=$1; shift
+    nsenter --net="/run/netns/$n" -- unshare --mount --propagation unchanged -- \
+      sh -c 'mount --make-rprivate /sys && mount -t sysfs sysfs /sys && exec "$@"' sh "$@"
+  }
+fi
+in_ns() { local n=$1; shift; netns_exec "$(ns "$n")" "$@"; }
 node_ip() { echo "198.18.0.$((10 + $1))"; }
 CP_IP6=fd00:198:18::1
 node_ip6() { echo "fd00:198:18::$((10 + $1))"; }
@@ -82,7 +96,7 @@ wait_for() {
 
 start_bg() { # start_bg <name> <netns> <cmd...>: records the pid in $DIR/<name>.pid
   local name=$1 n=$2; shift 2
-  ip netns exec "$(ns "$n")" "$@" >"$DIR/$name.log" 2>&1 &
+  netns_exec "$(ns "$n")" "$@" >"$DIR/$name.log" 2>&1 &
   echo $! >"$DIR/$name.pid"
 }
 
@@ -296,7 +310,7 @@ cmd_flannel_start() {
   # (POD_NAME/POD_NAMESPACE set by the caller); otherwise NODE_NAME names it.
   local who=(NODE_NAME="node$i")
   [ -z "${POD_NAME:-}" ] || who=(-u NODE_NAME POD_NAME="$POD_NAME" POD_NAMESPACE="${POD_NAMESPACE:-kube-flannel}")
-  ip netns exec "$(ns "n$i")" env "${who[@]}" RUST_LOG="${RUST_LOG:-info}" \
+  netns_exec "$(ns "n$i")" env "${who[@]}" RUST_LOG="${RUST_LOG:-info}" \
     "$FLANNELD" "${args[@]}" "$@" >>"$DIR/n$i/flanneld.log" 2>&1 &
   echo $! >"$DIR/n$i/flanneld.pid"
   echo $!
@@ -333,7 +347,7 @@ cmd_pod_add() {
 C
 )
   local out
-  out=$(echo "$conf" | ip netns exec "$(ns "n$i")" env CNI_COMMAND=ADD CNI_CONTAINERID="$pod" \
+  out=$(echo "$conf" | netns_exec "$(ns "n$i")" env CNI_COMMAND=ADD CNI_CONTAINERID="$pod" \
     CNI_NETNS="/run/netns/$podns" CNI_IFNAME=eth0 CNI_PATH="$CNI_PATH" "$CNI_PATH/bridge") \
     || die "bridge plugin failed: $out"
   local ip4 ip6
@@ -364,7 +378,7 @@ cmd_dump() {
   if has_v6; then echo "-- ip -6 route"; ip -n "$n" -6 route; fi
   for dev in $devs; do
     echo "-- ip neigh show dev $dev"; ip -n "$n" neigh show dev "$dev"
-    echo "-- bridge fdb show dev $dev"; ip netns exec "$n" bridge fdb show dev "$dev"
+    echo "-- bridge fdb show dev $dev"; netns_exec "$n" bridge fdb show dev "$dev"
   done
   echo "-- cat subnet.env"; cat "$DIR/n$i/subnet.env" 2>/dev/null || echo "(none)"
 }
@@ -396,7 +410,7 @@ case $cmd in
   ping) podfrom=$1; ip=$2; count=${3:-3}; interval=${4:-0.2}
         n=$(ip netns list | awk '{print $1}' | grep -- "-${podfrom}$" | grep "^${P}" | head -n1)
         [ -n "$n" ] || die "no pod $podfrom"
-        ip netns exec "$n" ping -n -q -c "$count" -i "$interval" -W 2 "$ip";;
+        netns_exec "$n" ping -n -q -c "$count" -i "$interval" -W 2 "$ip";;
   dump) cmd_dump "$@";;
   kubectl) kubectl_ "$@";;
   etcdctl) in_ns cp etcdctl --endpoints http://127.0.0.1:2379 "$@";;
