@@ -67,15 +67,15 @@ ipv4_network() { # 10.244.1.1/24 -> 10.244.1.0/24
 # done by hand: enter the net namespace, and in a private mount namespace mount that
 # namespace's sysfs over /sys (private first, so nothing propagates to the host).
 # LAB_NSENTER=1 takes that path anywhere (to test it).
-if mountpoint -q / && [ -z "${LAB_NSENTER:-}" ]; then
-  netns_exec() { ip netns exec "$@"; }
-else
-  netns_exec() {
-    local n=$1; shift
-    nsenter --net="/run/netns/$n" -- unshare --mount --propagation unchanged -- \
-      sh -c 'mount --make-rprivate /sys && mount -t sysfs sysfs /sys && exec "$@"' sh "$@"
-  }
-fi
+if mountpoint -q / && [ -z "${LAB_NSENTER:-}" ]; then NETNS_BY_HAND=""; else NETNS_BY_HAND=1; fi
+# Replaces the calling (sub)shell, so `netns_exec_bg ... &` records the command's own pid.
+netns_exec_bg() {
+  local n=$1; shift
+  [ -n "$NETNS_BY_HAND" ] || exec ip netns exec "$n" "$@"
+  exec nsenter --net="/run/netns/$n" -- unshare --mount --propagation unchanged -- \
+    sh -c 'mount --make-rprivate /sys && mount -t sysfs sysfs /sys && exec "$@"' sh "$@"
+}
+netns_exec() { ( netns_exec_bg "$@" ); }
 in_ns() { local n=$1; shift; netns_exec "$(ns "$n")" "$@"; }
 node_ip() { echo "198.18.0.$((10 + $1))"; }
 CP_IP6=fd00:198:18::1
@@ -96,7 +96,7 @@ wait_for() {
 
 start_bg() { # start_bg <name> <netns> <cmd...>: records the pid in $DIR/<name>.pid
   local name=$1 n=$2; shift 2
-  netns_exec "$(ns "$n")" "$@" >"$DIR/$name.log" 2>&1 &
+  netns_exec_bg "$(ns "$n")" "$@" >"$DIR/$name.log" 2>&1 &
   echo $! >"$DIR/$name.pid"
 }
 
@@ -310,7 +310,7 @@ cmd_flannel_start() {
   # (POD_NAME/POD_NAMESPACE set by the caller); otherwise NODE_NAME names it.
   local who=(NODE_NAME="node$i")
   [ -z "${POD_NAME:-}" ] || who=(-u NODE_NAME POD_NAME="$POD_NAME" POD_NAMESPACE="${POD_NAMESPACE:-kube-flannel}")
-  netns_exec "$(ns "n$i")" env "${who[@]}" RUST_LOG="${RUST_LOG:-info}" \
+  netns_exec_bg "$(ns "n$i")" env "${who[@]}" RUST_LOG="${RUST_LOG:-info}" \
     "$FLANNELD" "${args[@]}" "$@" >>"$DIR/n$i/flanneld.log" 2>&1 &
   echo $! >"$DIR/n$i/flanneld.pid"
   echo $!
