@@ -67,7 +67,12 @@ ipv4_network() { # 10.244.1.1/24 -> 10.244.1.0/24
 # done by hand: enter the net namespace, and in a private mount namespace mount that
 # namespace's sysfs over /sys (private first, so nothing propagates to the host).
 # LAB_NSENTER=1 takes that path anywhere (to test it).
-if mountpoint -q / && [ -z "${LAB_NSENTER:-}" ]; then NETNS_BY_HAND=""; else NETNS_BY_HAND=1; fi
+# (mountpoint(1) calls / a mount point even in a chroot; mountinfo tells the truth.)
+if awk '$5 == "/" {f=1} END {exit !f}' /proc/self/mountinfo && [ -z "${LAB_NSENTER:-}" ]; then
+  NETNS_BY_HAND=""
+else
+  NETNS_BY_HAND=1
+fi
 # Replaces the calling (sub)shell, so `netns_exec_bg ... &` records the command's own pid.
 netns_exec_bg() {
   local n=$1; shift

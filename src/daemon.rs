@@ -107,6 +107,12 @@ struct Reconciler<B> {
     nl: Netlink,
     backend: B,
     ext: ExternalInterface,
+    /// For re-selecting the interface when its addresses change.
+    flags: Flags,
+    /// What we publish; changes with the node's address.
+    req: LeaseRequest,
+    /// Set when the node's address changed: the lease must be published again.
+    republish: Option<LeaseRequest>,
     own: Lease,
     conf: NetConf,
     peers: PeerSet,
@@ -236,10 +242,59 @@ impl<B: Backend> Reconciler<B> {
         self.planes.iter().all(|p| p.applied.is_some())
     }
 
+    /// On a full check: has the selected interface (or its address) changed?
+    /// Then everything follows the new one: the VXLAN device's `local`, the
+    /// desired routes, and (through `republish`) the published lease. A pinned
+    /// `--public-ip` stays what it is (select() takes it from the flag).
+    async fn reselect(&mut self) {
+        let (v4, v6) = (self.conf.v4.is_some(), self.conf.v6.is_some());
+        let ext = match iface::select(&self.nl, &self.flags, v4, v6).await {
+            Ok(e) => e,
+            Err(e) => {
+                // E.g. between an address's removal and its successor's arrival:
+                // keep the old selection; the next event brings another check.
+                tracing::debug!("re-selecting the interface: {e}");
+                return;
+            }
+        };
+        if ext == self.ext {
+            return;
+        }
+        tracing::warn!(
+            "the node's interface changed: {} ({}) -> {} ({}); following it",
+            self.ext.name,
+            show(&[
+                self.ext.public_ip.map(Into::into),
+                self.ext.public_ipv6.map(Into::into)
+            ]),
+            ext.name,
+            show(&[
+                ext.public_ip.map(Into::into),
+                ext.public_ipv6.map(Into::into)
+            ]),
+        );
+        let req = LeaseRequest {
+            public_ip: ext.public_ip.filter(|_| v4),
+            public_ipv6: ext.public_ipv6.filter(|_| v6),
+            ..self.req.clone()
+        };
+        if req != self.req {
+            self.own.public_ip = req.public_ip;
+            self.own.public_ipv6 = req.public_ipv6;
+            self.req = req.clone();
+            self.republish = Some(req);
+        }
+        self.ext = ext;
+        for p in &mut self.planes {
+            p.applied = None;
+        }
+    }
+
     /// One pass. `full` re-reads the kernel and repairs devices.
     async fn reconcile(&mut self, full: bool) -> bool {
         let started = Instant::now();
         if full {
+            self.reselect().await;
             match self.backend.configure(&self.nl, &self.ext, &self.own).await {
                 Ok(true) => {
                     tracing::warn!("the flannel device was re-created; re-programming all peers");
@@ -519,6 +574,9 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             nl,
             backend,
             ext,
+            flags: flags.clone(),
+            req: req.clone(),
+            republish: None,
             own,
             conf,
             peers: PeerSet::default(),
@@ -588,7 +646,17 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             if full {
                 full_at = far();
             }
-            if r.reconcile(full).await {
+            let ok = r.reconcile(full).await;
+            if let Some(req) = r.republish.take() {
+                let (m, c) = (manager.clone(), r.conf.clone());
+                tokio::spawn(async move {
+                    match m.republish(&c, &req).await {
+                        Ok(()) => tracing::info!("published the lease with the node's new address"),
+                        Err(e) => tracing::error!("publishing the lease again: {e:#}"),
+                    }
+                });
+            }
+            if ok {
                 r.failures = 0;
                 if !completed {
                     completed = true;

@@ -24,7 +24,9 @@ pub const KERNEL_DEFAULT_PORT: u16 = 8472;
 #[derive(Default)]
 struct Device {
     link: Option<Link>,
-    spec: Option<VxlanSpec>,
+    /// The VTEP MAC in our published lease: every peer's neighbour and FDB entries
+    /// hold it, so the device keeps it (restored if changed, kept if re-created).
+    mac: Option<Mac>,
 }
 
 pub struct Vxlan {
@@ -164,7 +166,7 @@ impl Vxlan {
         );
         let d = self.dev_mut(v6);
         d.link = Some(link);
-        d.spec = Some(spec);
+        d.mac = Some(mac);
         Ok(out)
     }
 
@@ -176,17 +178,27 @@ impl Vxlan {
         own: Option<IpNetwork>,
         v6: bool,
     ) -> anyhow::Result<bool> {
-        let mut spec = self
-            .dev(v6)
-            .spec
-            .clone()
-            .unwrap_or_else(|| self.spec(ext, v6));
-        // If the device has to be re-created (someone deleted it), it gets its old
-        // MAC back: every peer holds that MAC in its neighbour and FDB tables.
-        if let Some(mac) = self.dev(v6).link.as_ref().and_then(|l| l.mac) {
-            spec.mac = Some(mac);
+        // From the current interface (its address may have changed: a new `local`
+        // re-creates the device). A re-created device gets the published MAC back.
+        let mut spec = self.spec(ext, v6);
+        let mac = self.dev(v6).mac;
+        if mac.is_some() {
+            spec.mac = mac;
         }
         let (mut link, created) = self.ensure_device(nl, &spec).await?;
+        if let (Some(want), Some(have)) = (mac, link.mac) {
+            if want != have {
+                // Restored rather than re-published: one local change instead of
+                // every peer rewriting its entries, and peers that cache the old
+                // MAC (upstream agents between restarts) keep reaching us.
+                tracing::warn!(
+                    "{} has MAC {have}, not the published {want}; restoring it",
+                    link.name
+                );
+                nl.set_mac(link.index, want).await?;
+                link.mac = Some(want);
+            }
+        }
         if let Some(mtu) = self.conf.mtu {
             if link.mtu != mtu {
                 nl.set_mtu(link.index, mtu).await?;

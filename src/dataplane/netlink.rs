@@ -335,6 +335,19 @@ impl Netlink {
             .map_err(nlerr("set mtu", index))
     }
 
+    pub async fn set_mac(&self, index: u32, mac: Mac) -> Result<(), NetlinkError> {
+        let msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .index(index)
+            .address(mac.0.to_vec())
+            .build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(nlerr("set mac", index))
+    }
+
     /// Addresses on a link (prefix form, host bits kept).
     pub async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>, NetlinkError> {
         let msgs: Vec<AddressMessage> = self
@@ -724,12 +737,14 @@ pub fn deviates(
 ) -> bool {
     let overlay = dev.overlay.unwrap_or(0);
     match msg {
-        RouteNetlinkMessage::DelLink(l) => l.header.index == overlay,
-        RouteNetlinkMessage::NewLink(l) => {
-            l.header.index == overlay && !l.header.flags.contains(LinkFlags::Up)
+        // Any change to our device or the underlay (down/up, MAC, deleted, an
+        // address added or removed): the kernel drops routes through a link that
+        // goes down without one deletion message per route, so re-check it all.
+        RouteNetlinkMessage::DelLink(l) | RouteNetlinkMessage::NewLink(l) => {
+            l.header.index == overlay || l.header.index == dev.underlay
         }
         RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
-            a.header.index == overlay
+            a.header.index == overlay || a.header.index == dev.underlay
         }
         RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
             if r.header.table != RouteHeader::RT_TABLE_MAIN {

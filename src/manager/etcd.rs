@@ -70,8 +70,14 @@ struct Own {
 
 pub struct EtcdManager {
     s: EtcdSettings,
-    client: Client,
+    /// Replaced when the node's address changes (see `reconnect`).
+    client: Mutex<Client>,
+    opts: ConnectOptions,
+    /// Tells the watch to drop its stream and read afresh.
+    restart: Notify,
     own: Mutex<Option<Own>>,
+    /// What we publish now (the node's address can change under the agent).
+    req: Mutex<Option<LeaseRequest>>,
     lost: Notify,
     metrics: Arc<Metrics>,
 }
@@ -248,11 +254,34 @@ impl EtcdManager {
         tracing::info!("connected to etcd at {}", s.endpoints.join(","));
         Ok(EtcdManager {
             s,
-            client,
+            client: Mutex::new(client),
+            opts,
+            restart: Notify::new(),
             own: Mutex::new(None),
+            req: Mutex::new(None),
             lost: Notify::new(),
             metrics,
         })
+    }
+
+    fn client(&self) -> Client {
+        self.client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// New connections from the node's current address: the old ones are dead
+    /// but would only be noticed by the keep-alive timeout.
+    async fn reconnect(&self) -> anyhow::Result<()> {
+        let what = format!("reconnecting to etcd at {}", self.s.endpoints.join(","));
+        let c = retry::until_ok(&what, fatal, || {
+            Client::connect(self.s.endpoints.clone(), Some(self.opts.clone()))
+        })
+        .await?;
+        *self.client.lock().unwrap_or_else(|e| e.into_inner()) = c;
+        self.restart.notify_one();
+        Ok(())
     }
 
     fn subnets_prefix(&self) -> String {
@@ -261,7 +290,7 @@ impl EtcdManager {
 
     /// All subnet keys with their lease ids, oldest first, and the revision of the read.
     async fn read_all(&self) -> anyhow::Result<(Vec<(String, Vec<u8>, i64)>, i64)> {
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let r = c
             .get(self.subnets_prefix(), Some(GetOptions::new().with_prefix()))
             .await?;
@@ -284,7 +313,7 @@ impl EtcdManager {
 
     /// Creates `key` only if absent, bound to a fresh lease. Ok(false) = someone holds it.
     async fn create(&self, name: &str, value: &str) -> anyhow::Result<Option<i64>> {
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let lease = c
             .lease_grant(self.s.lease_ttl.as_secs() as i64, None)
             .await?
@@ -328,7 +357,7 @@ impl EtcdManager {
             one(v4, pool4) && one(v6, pool6)
         };
         let (items, _) = self.read_all().await?;
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let lease_of = |v4: Option<IpNetwork>, v6: Option<IpNetwork>| Lease {
             subnet: v4,
             ipv6_subnet: v6,
@@ -471,7 +500,7 @@ impl EtcdManager {
 
     /// Extends our etcd lease; false when etcd no longer knows it (expired or revoked).
     async fn renew(&self, lease_id: i64) -> anyhow::Result<bool> {
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let once = async {
             let (mut keeper, mut stream) = c.lease_keep_alive(lease_id).await?;
             keeper.keep_alive().await?;
@@ -494,7 +523,7 @@ impl EtcdManager {
             .to_string();
         let v4 = parse_key_name(&name).is_some_and(|(v4, _)| v4.is_some());
         let value = lease_value(req, v4);
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let r = c.get(own.key.clone(), None).await?;
         let Some(kv) = r.kvs().first() else {
             return match self.create(&name, &value).await? {
@@ -629,7 +658,7 @@ impl SubnetManager for EtcdManager {
         let mut log = Throttle::new(format!("reading {key}"));
         let mut told = false;
         loop {
-            let mut c = self.client.clone();
+            let mut c = self.client();
             match c.get(key.clone(), None).await {
                 Ok(r) => {
                     log.ok();
@@ -665,6 +694,7 @@ impl SubnetManager for EtcdManager {
                     log.ok();
                     tracing::info!("leased {} (etcd lease {:x})", own.key, own.lease_id);
                     *self.own.lock().unwrap_or_else(|e| e.into_inner()) = Some(own);
+                    *self.req.lock().unwrap_or_else(|e| e.into_inner()) = Some(req.clone());
                     return Ok(lease);
                 }
                 Ok(None) => {
@@ -698,6 +728,11 @@ impl SubnetManager for EtcdManager {
                         "etcd compacted the watched revisions (at {rev}); re-reading now"
                     );
                 }
+                WatchEnd::Reconnected => {
+                    tracing::info!(
+                        "etcd watch: reconnected from the node's new address; re-reading"
+                    );
+                }
                 WatchEnd::Broke(why) => {
                     self.metrics.watch_restarts.inc();
                     self.metrics.store.down(why.clone());
@@ -709,6 +744,32 @@ impl SubnetManager for EtcdManager {
         }
     }
 
+    async fn republish(&self, _conf: &NetConf, req: &LeaseRequest) -> anyhow::Result<()> {
+        let Some(mut own) = self.own() else {
+            bail!("no lease is held");
+        };
+        self.reconnect().await?;
+        let name = own
+            .key
+            .strip_prefix(&self.subnets_prefix())
+            .unwrap_or(&own.key)
+            .to_string();
+        let v4 = parse_key_name(&name).is_some_and(|(v4, _)| v4.is_some());
+        own.value = lease_value(req, v4);
+        // First what we hold, so the watch takes the echo of this put as ours.
+        *self.req.lock().unwrap_or_else(|e| e.into_inner()) = Some(req.clone());
+        *self.own.lock().unwrap_or_else(|e| e.into_inner()) = Some(own.clone());
+        let opts = (own.lease_id != 0).then(|| PutOptions::new().with_lease(own.lease_id));
+        let what = format!("publishing {name} with the node's new address");
+        retry::until_ok(&what, fatal, || {
+            let mut c = self.client();
+            let (k, v, o) = (own.key.clone(), own.value.clone(), opts.clone());
+            async move { c.put(k, v, o).await }
+        })
+        .await?;
+        Ok(())
+    }
+
     async fn complete(&self) -> anyhow::Result<()> {
         Ok(())
     }
@@ -718,7 +779,7 @@ impl SubnetManager for EtcdManager {
     /// only when another node holds our subnet: like upstream, the agent then
     /// exits, and its restart acquires a new subnet cleanly (routes, device
     /// address and subnet.env all change with it).
-    async fn keep_alive(&self, _own: &Lease, req: &LeaseRequest) -> anyhow::Error {
+    async fn keep_alive(&self, _own: &Lease, first: &LeaseRequest) -> anyhow::Error {
         let every = renew_interval(self.s.lease_ttl, self.s.renew_margin);
         loop {
             let check = tokio::select! {
@@ -731,7 +792,13 @@ impl SubnetManager for EtcdManager {
             if own.lease_id == 0 && !check {
                 continue; // a reservation never expires
             }
-            match self.keep(&own, req, check).await {
+            let req = self
+                .req
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .unwrap_or_else(|| first.clone());
+            match self.keep(&own, &req, check).await {
                 Keep::Kept(o) => {
                     if o.lease_id == own.lease_id {
                         self.metrics.lease_renewals.inc();
@@ -754,6 +821,8 @@ enum WatchEnd {
     /// The lease-event receiver is gone.
     Closed,
     Compacted(i64),
+    /// New connections (the node's address changed): read afresh at once.
+    Reconnected,
     Broke(String),
 }
 
@@ -784,7 +853,7 @@ impl EtcdManager {
         if tx.send(LeaseEvent::Snapshot(snap)).await.is_err() {
             return WatchEnd::Closed;
         }
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let opts = WatchOptions::new()
             .with_prefix()
             .with_progress_notify()
@@ -797,7 +866,11 @@ impl EtcdManager {
         log.ok();
         self.metrics.store.up();
         loop {
-            let resp = match tokio::time::timeout(WATCH_IDLE, stream.message()).await {
+            let next = tokio::select! {
+                r = tokio::time::timeout(WATCH_IDLE, stream.message()) => r,
+                _ = self.restart.notified() => return WatchEnd::Reconnected,
+            };
+            let resp = match next {
                 Err(_) => return WatchEnd::Broke(format!("etcd watch silent for {WATCH_IDLE:?}")),
                 Ok(Err(e)) => return WatchEnd::Broke(format!("etcd watch broke: {e}")),
                 Ok(Ok(None)) => return WatchEnd::Broke("etcd ended the watch".into()),

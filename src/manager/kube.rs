@@ -190,7 +190,12 @@ pub fn lease_from_node(
 }
 
 pub struct KubeManager {
-    client: Client,
+    /// Replaced when the node's address changes: connections from the old
+    /// address are dead but would only time out after READ_TIMEOUT.
+    client: std::sync::RwLock<Client>,
+    config: Config,
+    /// Tells the Node watch to drop its connection and list afresh.
+    restart: tokio::sync::Notify,
     node_name: String,
     prefix: String,
     net_config_path: PathBuf,
@@ -232,7 +237,7 @@ impl KubeManager {
                 .with_context(|| format!("--kube-api-url {:?} is not a URL", s.api_url))?;
         }
         config.read_timeout = Some(READ_TIMEOUT);
-        let client = Client::try_from(config).context("building the Kubernetes client")?;
+        let client = Client::try_from(config.clone()).context("building the Kubernetes client")?;
         let node_name = node_name(&client).await?;
         let queue_depth = std::env::var("EVENT_QUEUE_DEPTH")
             .ok()
@@ -240,7 +245,9 @@ impl KubeManager {
             .filter(|v| *v > 0)
             .unwrap_or(5000);
         Ok(KubeManager {
-            client,
+            client: std::sync::RwLock::new(client),
+            config,
+            restart: tokio::sync::Notify::new(),
             node_name,
             prefix: s.prefix,
             net_config_path: s.net_config_path,
@@ -248,6 +255,22 @@ impl KubeManager {
             queue_depth,
             metrics,
         })
+    }
+
+    fn client(&self) -> Client {
+        self.client
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// New connections (from the node's current address) for every later
+    /// request, and a fresh list for the watch.
+    fn reconnect(&self) -> anyhow::Result<()> {
+        let c = Client::try_from(self.config.clone()).context("building the Kubernetes client")?;
+        *self.client.write().unwrap_or_else(|e| e.into_inner()) = c;
+        self.restart.notify_one();
+        Ok(())
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -264,7 +287,7 @@ impl KubeManager {
         &self,
         conf: &NetConf,
     ) -> anyhow::Result<(Option<IpNetwork>, Option<IpNetwork>)> {
-        let lite: Api<NodeLite> = Api::all(self.client.clone());
+        let lite: Api<NodeLite> = Api::all(self.client());
         let cfg = watcher::Config::default()
             .fields(&format!("metadata.name={}", self.node_name))
             .timeout(WATCH_TIMEOUT_S);
@@ -393,6 +416,43 @@ impl KubeManager {
         }
         // The watcher stream never ends by itself; treat it as a broken watch.
         Some(watcher::Error::NoResourceVersion)
+    }
+
+    /// Patches the Node's annotations to carry `req`, only where they differ;
+    /// returns the public addresses published (an `-overwrite` annotation wins).
+    async fn publish(
+        &self,
+        conf: &NetConf,
+        req: &LeaseRequest,
+    ) -> anyhow::Result<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
+        let nodes: Api<Node> = Api::all(self.client());
+        let what = format!("getting node {}", self.node_name);
+        let node = retry::until_ok(&what, fatal, || nodes.get(&self.node_name))
+            .await
+            .map_err(|e| config_error(e, &what))?;
+        let have = node.metadata.annotations.clone().unwrap_or_default();
+        let (want, pub4, pub6) = self.wanted_annotations(&have, conf, req);
+        let differ: BTreeMap<&String, &String> = want
+            .iter()
+            .filter(|(k, v)| have.get(*k) != Some(*v))
+            .collect();
+        if differ.is_empty() {
+            tracing::info!(
+                "node {} already carries this lease's annotations",
+                self.node_name
+            );
+        } else {
+            let patch = serde_json::json!({ "metadata": { "annotations": differ } });
+            let what = format!("publishing annotations on node {}", self.node_name);
+            let (pp, patch) = (PatchParams::default(), Patch::Strategic(&patch));
+            retry::until_ok(&what, fatal, || {
+                nodes.patch_status(&self.node_name, &pp, &patch)
+            })
+            .await
+            .map_err(|e| config_error(e, &what))?;
+            tracing::info!("published lease annotations on node {}", self.node_name);
+        }
+        Ok((pub4, pub6))
     }
 
     fn key(&self, n: &str) -> String {
@@ -534,7 +594,6 @@ impl SubnetManager for KubeManager {
     }
 
     async fn acquire(&self, conf: &NetConf, req: &LeaseRequest) -> anyhow::Result<Lease> {
-        let nodes: Api<Node> = Api::all(self.client.clone());
         let (v4, v6) = self.wait_pod_cidrs(conf).await?;
         for (n, pool, fam) in [(v4, &conf.v4, "Network"), (v6, &conf.v6, "IPv6Network")] {
             if let (Some(n), Some(p)) = (n, pool) {
@@ -547,32 +606,7 @@ impl SubnetManager for KubeManager {
                 }
             }
         }
-        let what = format!("getting node {}", self.node_name);
-        let node = retry::until_ok(&what, fatal, || nodes.get(&self.node_name))
-            .await
-            .map_err(|e| config_error(e, &what))?;
-        let have = node.metadata.annotations.clone().unwrap_or_default();
-        let (want, pub4, pub6) = self.wanted_annotations(&have, conf, req);
-        let differ: BTreeMap<&String, &String> = want
-            .iter()
-            .filter(|(k, v)| have.get(*k) != Some(*v))
-            .collect();
-        if differ.is_empty() {
-            tracing::info!(
-                "node {} already carries this lease's annotations",
-                self.node_name
-            );
-        } else {
-            let patch = serde_json::json!({ "metadata": { "annotations": differ } });
-            let what = format!("publishing annotations on node {}", self.node_name);
-            let (pp, patch) = (PatchParams::default(), Patch::Strategic(&patch));
-            retry::until_ok(&what, fatal, || {
-                nodes.patch_status(&self.node_name, &pp, &patch)
-            })
-            .await
-            .map_err(|e| config_error(e, &what))?;
-            tracing::info!("published lease annotations on node {}", self.node_name);
-        }
+        let (pub4, pub6) = self.publish(conf, req).await?;
         Ok(Lease {
             subnet: v4.filter(|_| conf.v4.is_some()),
             ipv6_subnet: v6.filter(|_| conf.v6.is_some()),
@@ -585,7 +619,7 @@ impl SubnetManager for KubeManager {
 
     async fn watch(&self, conf: &NetConf, tx: mpsc::Sender<LeaseEvent>) {
         let _ = conf;
-        let api: Api<NodeLite> = Api::all(self.client.clone());
+        let api: Api<NodeLite> = Api::all(self.client());
         let cfg = watcher::Config::default()
             .page_size(PREVIEW_BATCH as u32)
             .timeout(WATCH_TIMEOUT_S);
@@ -595,7 +629,14 @@ impl SubnetManager for KubeManager {
         // was away (Nodes added, deleted, re-annotated) arrives in that Snapshot.
         loop {
             let stream = watcher::watcher(api.clone(), cfg.clone()).boxed();
-            let Some(e) = self.follow(stream, &tx, &mut backoff, &mut log).await else {
+            let ended = tokio::select! {
+                e = self.follow(stream, &tx, &mut backoff, &mut log) => e,
+                _ = self.restart.notified() => {
+                    tracing::info!("watching nodes: reconnecting from the node's new address");
+                    continue;
+                }
+            };
+            let Some(e) = ended else {
                 return; // the reconciler is gone
             };
             self.metrics.watch_restarts.inc();
@@ -613,11 +654,16 @@ impl SubnetManager for KubeManager {
         }
     }
 
+    async fn republish(&self, conf: &NetConf, req: &LeaseRequest) -> anyhow::Result<()> {
+        self.reconnect()?;
+        self.publish(conf, req).await.map(|_| ())
+    }
+
     async fn complete(&self) -> anyhow::Result<()> {
         if !self.set_unavailable {
             return Ok(());
         }
-        let nodes: Api<Node> = Api::all(self.client.clone());
+        let nodes: Api<Node> = Api::all(self.client());
         let what = format!("getting node {}", self.node_name);
         let node = retry::until_ok(&what, fatal, || nodes.get(&self.node_name))
             .await

@@ -59,6 +59,14 @@ pub trait SubnetManager: Send + Sync + 'static {
         tx: mpsc::Sender<LeaseEvent>,
     ) -> impl Future<Output = ()> + Send;
 
+    /// Publishes `req` again on the lease already held (the node's address
+    /// changed): kube `public-ip` annotations, etcd the lease value's `PublicIP`.
+    fn republish(
+        &self,
+        conf: &NetConf,
+        req: &LeaseRequest,
+    ) -> impl Future<Output = anyhow::Result<()>> + Send;
+
     /// Tells the world this node's dataplane is up (kube: NetworkUnavailable=False).
     fn complete(&self) -> impl Future<Output = anyhow::Result<()>> + Send;
 
