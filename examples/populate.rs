@@ -3,6 +3,7 @@
 //!
 //!   populate kube <kubeconfig> <first> <count>   Node objects peer-<k> with podCIDR and annotations
 //!   populate etcd <endpoint> <first> <count>     /coreos.com/network/subnets/<subnet> keys with a lease
+//!   populate kube-delete <kubeconfig> <first> <count>, etcd-delete <endpoint> <first> <count>: remove them
 //! Peer k: subnet 10.128.0.0/9 + (256 + k) × /24, public IP 198.19.(k/256).(k%256)
 //! (never contacted), VtepMAC 52:54:00:<k>. Prints the Unix time in ns just before
 //! the first request, so a caller can time how long until an agent programs it.
@@ -107,6 +108,33 @@ async fn main() -> anyhow::Result<()> {
                 .await;
             for r in results {
                 r?;
+            }
+        }
+        "kube-delete" => {
+            let kc = Kubeconfig::read_from(&a[2])?;
+            let cfg =
+                kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+            let nodes: Api<Node> = Api::all(kube::Client::try_from(cfg)?);
+            nodes
+                .list_metadata(&kube::api::ListParams::default().limit(1))
+                .await?;
+            println!("{}", now_ns());
+            for k in first..first + count {
+                nodes
+                    .delete(&format!("peer-{k}"), &kube::api::DeleteParams::default())
+                    .await?;
+            }
+        }
+        "etcd-delete" => {
+            let mut c = etcd_client::Client::connect([a[2].as_str()], None).await?;
+            c.status().await?;
+            println!("{}", now_ns());
+            for k in first..first + count {
+                let key = format!(
+                    "/coreos.com/network/subnets/{}",
+                    subnet(k).replace('/', "-")
+                );
+                c.delete(key, None).await?;
             }
         }
         other => anyhow::bail!("unknown target {other}"),

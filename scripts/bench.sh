@@ -53,24 +53,61 @@ cpu_conv=$(echo "scale=2; $(ticks "$pid") / $hz" | bc); split=$(awk -v hz="$hz" 
 rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status"); hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
 rss_split=$(awk '/RssAnon|RssFile/ {printf "%s %d MB  ", $1, $2 / 1024}' "/proc/$pid/status")
 
-# New peer → FDB entry, 5 times.
-lat=()
-for j in 0 1 2 3 4; do
-  k=$((N + j)); mac=$(printf '52:54:00:%02x:%02x:%02x' $((k >> 16 & 255)) $((k >> 8 & 255)) $((k & 255)))
-  mon=$DIR/mon$j.txt
+# One FDB event for MAC $1 ("add" or "del"), timed from the request: $2 = populate args.
+fdb_event_ms() {
+  local mac=$1 kind=$2; shift 2
+  local mon=$DIR/mon.txt
   timeout 15 ip netns exec "$NS" bridge -timestamp monitor fdb >"$mon" 2>&1 &
-  mpid=$!; sleep 0.3
-  start_ns=$(populate "$k" 1 | head -n1)
-  e=$((SECONDS + 10))
-  until grep -q "$mac" "$mon"; do [ $SECONDS -lt $e ] || break; sleep 0.02; done
+  local mpid=$!; sleep 0.3
+  local start_ns; start_ns=$(populate_cmd "$@" | head -n1)
+  local pat=$mac; [ "$kind" = del ] && pat="Deleted $mac"
+  local e=$((SECONDS + 10))
+  until grep -q "$pat" "$mon"; do [ $SECONDS -lt $e ] || break; sleep 0.02; done
   kill "$mpid" 2>/dev/null || true; wait "$mpid" 2>/dev/null || true
-  ts=$(grep -B1 "$mac" "$mon" | grep Timestamp | head -n1 | sed 's/Timestamp: //')
-  [ -n "$ts" ] || { lat+=("timeout"); continue; }
+  local ts; ts=$(grep -B1 "$pat" "$mon" | grep Timestamp | head -n1 | sed 's/Timestamp: //')
+  [ -n "$ts" ] || { echo timeout; return; }
+  local usec when
   usec=$(echo "$ts" | awk '{print $(NF-1)}'); when=$(echo "$ts" | awk '{$NF=""; $(NF-1)=""; print}')
-  fdb_ns=$(( $(date -d "$when" +%s) * 1000000000 + 10#$usec * 1000 ))
-  lat+=("$(echo "scale=1; ($fdb_ns - $start_ns) / 1000000" | bc)")
-done
+  local fdb_ns=$(( $(date -d "$when" +%s) * 1000000000 + 10#$usec * 1000 ))
+  echo "scale=1; ($fdb_ns - $start_ns) / 1000000" | bc
+}
+populate_cmd() { # add|del first count
+  local verb=$MODE; [ "$1" = del ] && verb=$MODE-delete
+  if [ "$MODE" = kube ]; then
+    ip netns exec "fl${LAB}-cp" "$POP" "$verb" "$DIR/admin.kubeconfig" "$2" "$3"
+  else
+    ip netns exec "fl${LAB}-cp" "$POP" "$verb" http://127.0.0.1:2379 "$2" "$3"
+  fi
+}
+mac_of() { printf '52:54:00:%02x:%02x:%02x' $(($1 >> 16 & 255)) $(($1 >> 8 & 255)) $(($1 & 255)); }
+stats() { # median and p95 of the numbers given
+  printf '%s\n' "$@" | grep -v timeout | sort -n | awk '{v[NR]=$1} END {
+    if (NR == 0) { print "none"; exit }
+    m = (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2
+    p = v[int(0.95 * NR + 0.999)]; if (p == "") p = v[NR]
+    printf "median %.1f, p95 %.1f (%d runs)", m, p, NR }'
+}
 
+# New peer → FDB entry, and peer removed → FDB entry gone, RUNS times each.
+RUNS=${RUNS:-8}
+add=(); del=()
+for j in $(seq 0 $((RUNS - 1))); do
+  k=$((N + j))
+  add+=("$(fdb_event_ms "$(mac_of $k)" add add $k 1)")
+done
+for j in $(seq 0 $((RUNS - 1))); do
+  k=$((N + j))
+  del+=("$(fdb_event_ms "$(mac_of $k)" del del $k 1)")
+done
+# A burst of B peers at once → all programmed (external poll, 20 ms).
+B=${B:-500}
+first=$((N + 1000))
+start_ns=$(populate_cmd add $first "$B" | head -n1)
+e=$((SECONDS + 60))
+until [ "$(ip netns exec "$NS" bridge fdb show dev flannel.1 | grep -c self)" -ge $((N + B)) ]; do
+  [ $SECONDS -lt $e ] || break; sleep 0.02
+done
+burst_ms=$(echo "scale=1; ($(date +%s%N) - $start_ns) / 1000000" | bc)
 c0=$(ticks "$pid"); sleep "$IDLE"; c1=$(ticks "$pid")
 idle_ms=$(( (c1 - c0) * 1000 / hz ))
 
@@ -81,6 +118,8 @@ flannel-rs benchmark: MODE=$MODE N=$N ($(nproc) cores, $(uname -r))
   CPU to converge                          : ${cpu_conv} s (${split})
   RSS after convergence / peak (VmHWM)     : $((rss / 1024)) MB / $((hwm / 1024)) MB  (${rss} kB / ${hwm} kB)
   RSS by kind                              : ${rss_split}
-  new peer → FDB entry (5 runs, ms)        : ${lat[*]}
+  new peer → FDB entry (ms)                : $(stats "${add[@]}")   [${add[*]}]
+  peer removed → FDB entry gone (ms)       : $(stats "${del[@]}")   [${del[*]}]
+  burst of $B peers → all programmed       : ${burst_ms} ms (from the first create request)
   CPU over ${IDLE} s idle                      : ${idle_ms} ms
 R

@@ -256,6 +256,8 @@ pub struct PeerSet {
     /// Accepted subnets: (is_v6, first address) → (last address, peer name).
     by_subnet: BTreeMap<(bool, u128), (u128, String)>,
     by_mac: HashMap<Mac, String>,
+    /// Peers whose accepted lease changed since the last [`PeerSet::take_dirty`].
+    dirty: std::collections::BTreeSet<String>,
 }
 
 /// What changed in the accepted set after an update.
@@ -292,8 +294,21 @@ impl PeerSet {
         self.accepted.is_empty()
     }
 
+    /// The peers whose accepted lease changed (added, replaced or dropped) since
+    /// the last call: the scope of the next incremental reconcile.
+    pub fn take_dirty(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.dirty).into_iter().collect()
+    }
+
+    /// Puts `names` in the next incremental reconcile's scope (a re-list that
+    /// replaced the whole set must also remove peers it no longer holds).
+    pub fn mark_dirty(&mut self, names: impl IntoIterator<Item = String>) {
+        self.dirty.extend(names);
+    }
+
     fn accept(&mut self, name: String, lease: Lease) {
         self.unaccept(&name);
+        self.dirty.insert(name.clone());
         for n in subnets(&lease) {
             let (lo, hi) = subnet::range(&n);
             self.by_subnet.insert((n.is_ipv6(), lo), (hi, name.clone()));
@@ -306,6 +321,7 @@ impl PeerSet {
 
     fn unaccept(&mut self, name: &str) -> Option<Lease> {
         let lease = self.accepted.remove(name)?;
+        self.dirty.insert(name.to_string());
         for n in subnets(&lease) {
             self.by_subnet.remove(&(n.is_ipv6(), subnet::range(&n).0));
         }

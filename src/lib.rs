@@ -16,6 +16,7 @@ pub mod iface;
 pub mod lease;
 pub mod manager;
 pub mod metrics;
+pub mod reconcile;
 pub mod retry;
 pub mod subnet;
 pub mod subnet_env;

@@ -414,3 +414,94 @@ fn large_list_programs_ahead_and_older_node_wins() {
         .expect("a change count");
     assert!(changes < 3 * N as usize, "{full}");
 }
+
+/// One changed peer among thousands costs that peer's entries, not the
+/// cluster's: a Node added, re-annotated (new VTEP MAC) and deleted each cost at
+/// most its three netlink operations, through the incremental path.
+#[test]
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
+fn one_changed_peer_among_thousands_costs_its_own_entries() {
+    require_root();
+    let lab = Lab::up(
+        "scoped",
+        &[
+            "--nodes",
+            "1",
+            "--pod-base",
+            "10.128",
+            "--net-conf",
+            r#"{"Network":"10.128.0.0/9","Backend":{"Type":"vxlan"}}"#,
+        ],
+    );
+    const N: u32 = 3000;
+    let items: Vec<serde_json::Value> = (1..=N)
+        .map(|k| peer_node(&format!("peer-{k:04}"), k))
+        .collect();
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+    let path = lab.dir.join("peers.json");
+    std::fs::write(&path, list.to_string()).unwrap();
+    lab.kubectl(&["create", "-f", path.to_str().unwrap()]);
+    lab.start_flannel(1, &["--healthz-ip=0.0.0.0", "--healthz-port=8471"]);
+    wait_until(Duration::from_secs(90), "all peers programmed", || {
+        lab.flannel_log(1).contains(&format!("dataplane ready: {N} peers"))
+            && lab.routes(1).len() == N as usize
+    });
+    let ops = || -> u64 {
+        let m = lab.http_get("http://198.18.0.11:8471/metrics");
+        m.lines()
+            .find_map(|l| l.strip_prefix("flannel_netlink_operations_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no op count in {m}"))
+    };
+    // Settled: the count no longer moves.
+    let mut before = ops();
+    wait_until(Duration::from_secs(10), "a settled op count", || {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = ops();
+        std::mem::replace(&mut before, now) == now
+    });
+
+    // Added.
+    let path = lab.dir.join("new.json");
+    std::fs::write(&path, peer_node("peer-new", N + 1).to_string()).unwrap();
+    lab.kubectl(&["create", "-f", path.to_str().unwrap()]);
+    wait_until(Duration::from_secs(10), "the new peer", || {
+        lab.fdb(1).len() == N as usize + 1
+    });
+    wait_until(Duration::from_secs(5), "its three entries counted", || {
+        ops() == before + 3
+    });
+    let before = ops();
+
+    // Re-annotated with another VTEP MAC: neighbour replaced, FDB entry moved.
+    lab.kubectl(&[
+        "annotate",
+        "--overwrite",
+        "node",
+        "peer-0005",
+        r#"flannel.alpha.coreos.com/backend-data={"VNI":1,"VtepMAC":"5e:00:00:00:aa:05"}"#,
+    ]);
+    wait_until(Duration::from_secs(10), "the new MAC", || {
+        lab.fdb(1)
+            .iter()
+            .any(|l| l.starts_with("5e:00:00:00:aa:05"))
+    });
+    wait_until(Duration::from_secs(5), "three operations", || {
+        ops() == before + 3
+    });
+    let before = ops();
+
+    // Deleted.
+    lab.kubectl(&["delete", "node", "peer-0007"]);
+    wait_until(Duration::from_secs(10), "the peer gone", || {
+        lab.fdb(1).len() == N as usize
+    });
+    wait_until(Duration::from_secs(5), "three deletions", || {
+        ops() == before + 3
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ops(), before + 3, "something else was rewritten");
+    let log = lab.flannel_log(1);
+    let last = log.lines().rfind(|l| l.contains("programmed")).unwrap();
+    assert!(!last.contains("full check"), "{last}");
+}

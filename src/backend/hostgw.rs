@@ -2,12 +2,12 @@
 
 use std::net::IpAddr;
 
-use crate::dataplane::model::{Dev, Route, State};
+use crate::dataplane::model::{Dev, PeerEntries, Route};
 use crate::dataplane::netlink::{Devices, Netlink};
 use crate::iface::ExternalInterface;
-use crate::lease::{BackendData, Lease, PeerSet};
+use crate::lease::{BackendData, Lease};
 
-use super::{Backend, Prepared, Skipped};
+use super::{Backend, Prepared};
 
 pub struct HostGw;
 
@@ -78,18 +78,15 @@ impl Backend for HostGw {
         }
     }
 
-    fn desired(&self, ext: &ExternalInterface, peers: &PeerSet, v6: bool) -> (State, Skipped) {
-        let mut s = State::default();
-        let mut skipped = Vec::new();
-        for (name, lease) in peers.accepted() {
-            match peer_route(ext, lease, v6) {
-                Ok(Some((dst, r))) => {
-                    s.routes.insert(dst, r);
-                }
-                Ok(None) => {}
-                Err(why) => skipped.push((name.clone(), why)),
-            }
-        }
-        (s, skipped)
+    fn entries(
+        &self,
+        ext: &ExternalInterface,
+        lease: &Lease,
+        v6: bool,
+    ) -> Result<Option<PeerEntries>, String> {
+        Ok(peer_route(ext, lease, v6)?.map(|r| PeerEntries {
+            route: Some(r),
+            ..Default::default()
+        }))
     }
 }

@@ -7,7 +7,7 @@
 use std::future::Future;
 
 use crate::config::netconf::{BackendConf, NetConf};
-use crate::dataplane::model::State;
+use crate::dataplane::model::{PeerEntries, State};
 use crate::dataplane::netlink::{Devices, Netlink};
 use crate::iface::ExternalInterface;
 use crate::lease::{BackendData, Lease, PeerSet};
@@ -51,8 +51,28 @@ pub trait Backend: Send + 'static {
     /// The devices one family's entries live on.
     fn devices(&self, ext: &ExternalInterface, v6: bool) -> Devices;
 
+    /// Pure: the entries one peer owns in one family (None: nothing in this
+    /// family), or why the backend cannot serve it.
+    fn entries(
+        &self,
+        ext: &ExternalInterface,
+        lease: &Lease,
+        v6: bool,
+    ) -> Result<Option<PeerEntries>, String>;
+
     /// Pure: the entries of one family the kernel must hold for `peers`.
-    fn desired(&self, ext: &ExternalInterface, peers: &PeerSet, v6: bool) -> (State, Skipped);
+    fn desired(&self, ext: &ExternalInterface, peers: &PeerSet, v6: bool) -> (State, Skipped) {
+        let mut s = State::default();
+        let mut skipped = Vec::new();
+        for (name, lease) in peers.accepted() {
+            match self.entries(ext, lease, v6) {
+                Ok(Some(e)) => e.add_to(&mut s),
+                Ok(None) => {}
+                Err(why) => skipped.push((name.clone(), why)),
+            }
+        }
+        (s, skipped)
+    }
 }
 
 /// Which backend the configuration asks for (built once at start).

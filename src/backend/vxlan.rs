@@ -10,12 +10,12 @@ use anyhow::Context;
 use ipnetwork::IpNetwork;
 
 use crate::config::netconf::VxlanConf;
-use crate::dataplane::model::{Dev, Route, State};
+use crate::dataplane::model::{Dev, PeerEntries, Route};
 use crate::dataplane::netlink::{Devices, Link, Netlink, VxlanAttrs, VxlanSpec};
 use crate::iface::ExternalInterface;
-use crate::lease::{BackendData, Lease, Mac, PeerSet, VxlanData};
+use crate::lease::{BackendData, Lease, Mac, VxlanData};
 
-use super::{hostgw, Backend, Prepared, Skipped};
+use super::{hostgw, Backend, Prepared};
 
 /// Linux's VXLAN port when none is given (IANA's is 4789; the kernel keeps 8472).
 pub const KERNEL_DEFAULT_PORT: u16 = 8472;
@@ -334,23 +334,27 @@ impl Backend for Vxlan {
         }
     }
 
-    fn desired(&self, ext: &ExternalInterface, peers: &PeerSet, v6: bool) -> (State, Skipped) {
-        let mut s = State::default();
-        let skipped = Vec::new();
-        for lease in peers.accepted().values() {
-            if self.conf.direct_routing {
-                if let Ok(Some((dst, r))) = hostgw::peer_route(ext, lease, v6) {
-                    s.routes.insert(dst, r);
-                    continue;
-                }
-            }
-            if let Some((subnet, route, gw, mac, dst)) = peer_entries(lease, v6) {
-                s.routes.insert(subnet, route);
-                s.neighs.insert(gw, mac);
-                s.fdb.insert(mac, dst);
+    fn entries(
+        &self,
+        ext: &ExternalInterface,
+        lease: &Lease,
+        v6: bool,
+    ) -> Result<Option<PeerEntries>, String> {
+        if self.conf.direct_routing {
+            if let Ok(Some(r)) = hostgw::peer_route(ext, lease, v6) {
+                return Ok(Some(PeerEntries {
+                    route: Some(r),
+                    ..Default::default()
+                }));
             }
         }
-        (s, skipped)
+        Ok(
+            peer_entries(lease, v6).map(|(subnet, route, gw, mac, dst)| PeerEntries {
+                route: Some((subnet, route)),
+                neigh: Some((gw, mac)),
+                fdb: Some((mac, dst)),
+            }),
+        )
     }
 }
 
@@ -358,6 +362,7 @@ impl Backend for Vxlan {
 mod tests {
     use super::*;
     use crate::config::netconf::NetConf;
+    use crate::lease::PeerSet;
 
     fn ext() -> ExternalInterface {
         ExternalInterface {

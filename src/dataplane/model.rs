@@ -176,6 +176,135 @@ impl State {
     }
 }
 
+/// One peer's entries in one family: what that peer owns in the kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerEntries {
+    pub route: Option<(IpNetwork, Route)>,
+    pub neigh: Option<(IpAddr, Mac)>,
+    pub fdb: Option<(Mac, IpAddr)>,
+}
+
+impl PeerEntries {
+    pub fn add_to(&self, s: &mut State) {
+        if let Some((k, v)) = self.route {
+            s.routes.insert(k, v);
+        }
+        if let Some((k, v)) = self.neigh {
+            s.neighs.insert(k, v);
+        }
+        if let Some((k, v)) = self.fdb {
+            s.fdb.insert(k, v);
+        }
+    }
+
+    pub fn remove_from(&self, s: &mut State) {
+        if let Some((k, _)) = self.route {
+            s.routes.remove(&k);
+        }
+        if let Some((k, _)) = self.neigh {
+            s.neighs.remove(&k);
+        }
+        if let Some((k, _)) = self.fdb {
+            s.fdb.remove(&k);
+        }
+    }
+
+    /// `from`'s values at this peer's keys, into `to`.
+    fn copy_held(&self, from: &State, to: &mut State) {
+        if let Some((k, _)) = self.route {
+            if let Some(v) = from.routes.get(&k) {
+                to.routes.insert(k, *v);
+            }
+        }
+        if let Some((k, _)) = self.neigh {
+            if let Some(v) = from.neighs.get(&k) {
+                to.neighs.insert(k, *v);
+            }
+        }
+        if let Some((k, _)) = self.fdb {
+            if let Some(v) = from.fdb.get(&k) {
+                to.fdb.insert(k, *v);
+            }
+        }
+    }
+}
+
+/// A peer's new entries (None: it owns nothing any more).
+pub type PeerChange = (String, Option<PeerEntries>);
+
+/// The kernel state we hold, indexed by the peer owning each entry (after
+/// Calico felix's delta tracker): a change of some peers is diffed against
+/// only those peers' keys — O(changed peers × log N), whatever N — while a full
+/// check diffs everything against a kernel dump and [`Tracker::reset`]s it.
+/// Both go through the same [`diff`] and the same apply.
+#[derive(Debug, Default, Clone)]
+pub struct Tracker {
+    owned: std::collections::HashMap<String, PeerEntries>,
+    applied: State,
+}
+
+impl Tracker {
+    /// What the kernel holds (as far as we applied it).
+    pub fn applied(&self) -> &State {
+        &self.applied
+    }
+
+    /// The entries `name` owns now.
+    pub fn owned(&self, name: &str) -> Option<&PeerEntries> {
+        self.owned.get(name)
+    }
+
+    /// The changes that bring the keys of the changed peers (old and new keys)
+    /// to their new entries, and nothing else.
+    pub fn scoped(&self, changes: &[PeerChange]) -> Diff {
+        let mut want = State::default();
+        let mut have = State::default();
+        for (name, new) in changes {
+            if let Some(old) = self.owned.get(name) {
+                old.copy_held(&self.applied, &mut have);
+            }
+            if let Some(new) = new {
+                new.copy_held(&self.applied, &mut have);
+                new.add_to(&mut want);
+            }
+        }
+        let fdb_all = have.fdb.iter().map(|(m, i)| (*m, *i)).collect();
+        diff(
+            &want,
+            &Observed {
+                state: have,
+                fdb_all,
+            },
+        )
+    }
+
+    /// Records that `d` (from [`Tracker::scoped`] over `changes`) was applied.
+    pub fn commit(&mut self, changes: Vec<PeerChange>, d: &Diff) {
+        for (k, _) in &d.routes.del {
+            self.applied.routes.remove(k);
+        }
+        for (k, _) in &d.neighs.del {
+            self.applied.neighs.remove(k);
+        }
+        for (k, _) in &d.fdb.del {
+            self.applied.fdb.remove(k);
+        }
+        self.applied.absorb(d);
+        for (name, new) in changes {
+            match new {
+                Some(e) => self.owned.insert(name, e),
+                None => self.owned.remove(&name),
+            };
+        }
+    }
+
+    /// After a full check: every peer's entries, and the kernel now holding them.
+    pub fn reset(&mut self, owned: std::collections::HashMap<String, PeerEntries>, applied: State) {
+        self.owned = owned;
+        self.applied = applied;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,5 +408,64 @@ mod tests {
         let d = diff(&State::default(), &observed(state(&[2, 3])));
         assert_eq!(d.ops(), 6);
         assert!(d.routes.set.is_empty());
+    }
+
+    /// Applies `d` to a simulated kernel.
+    fn apply(kernel: &mut State, d: &Diff) {
+        for (k, _) in &d.routes.del {
+            kernel.routes.remove(k);
+        }
+        for (k, _) in &d.neighs.del {
+            kernel.neighs.remove(k);
+        }
+        for (k, _) in &d.fdb.del {
+            kernel.fdb.remove(k);
+        }
+        kernel.absorb(d);
+    }
+
+    fn entries(peer: u8, subnet: u8, mac_n: u8, host: u8) -> PeerEntries {
+        let _ = peer;
+        PeerEntries {
+            route: Some((net(&format!("10.244.{subnet}.0/24")), vx(subnet))),
+            neigh: Some((ip(&format!("10.244.{subnet}.0")), mac(mac_n))),
+            fdb: Some((mac(mac_n), ip(&format!("198.18.0.{host}")))),
+        }
+    }
+
+    proptest::proptest! {
+        /// Scoped diffs applied event by event reach the state one full diff
+        /// reaches, and touch only the changed peers' keys.
+        #[test]
+        fn scoped_diffs_agree_with_a_full_diff(
+            events in proptest::collection::vec((0u8..8, proptest::option::of((0u8..12, 0u8..12, 1u8..4))), 1..60),
+        ) {
+            let mut kernel = State::default();
+            let mut tracker = Tracker::default();
+            // Keys stay unique as the peer set guarantees: a subnet or MAC held by
+            // another peer is refused.
+            let mut current: std::collections::BTreeMap<u8, PeerEntries> = Default::default();
+            for (peer, lease) in events {
+                let new = lease.map(|(sn, m, h)| entries(peer, sn, m, h)).filter(|e| {
+                    !current.iter().any(|(p, o)| *p != peer && (o.route.unwrap().0 == e.route.unwrap().0 || o.fdb.unwrap().0 == e.fdb.unwrap().0))
+                });
+                match new {
+                    Some(e) => current.insert(peer, e),
+                    None => current.remove(&peer),
+                };
+                let changes = vec![(format!("p{peer}"), new)];
+                let d = tracker.scoped(&changes);
+                proptest::prop_assert!(d.ops() <= 6, "one peer's change touched {} entries", d.ops());
+                apply(&mut kernel, &d);
+                tracker.commit(changes, &d);
+                proptest::prop_assert_eq!(tracker.applied(), &kernel);
+            }
+            let mut want = State::default();
+            for e in current.values() {
+                e.add_to(&mut want);
+            }
+            proptest::prop_assert_eq!(&kernel, &want);
+            proptest::prop_assert!(diff(&want, &observed(kernel.clone())).is_empty());
+        }
     }
 }
