@@ -67,8 +67,9 @@ ipv4_network() { # 10.244.1.1/24 -> 10.244.1.0/24
 # done by hand: enter the net namespace, and in a private mount namespace mount that
 # namespace's sysfs over /sys (private first, so nothing propagates to the host).
 # LAB_NSENTER=1 takes that path anywhere (to test it).
-# (mountpoint(1) calls / a mount point even in a chroot; mountinfo tells the truth.)
-if awk '$5 == "/" {f=1} END {exit !f}' /proc/self/mountinfo && [ -z "${LAB_NSENTER:-}" ]; then
+# The test is the operation itself: `ip netns exec` makes / a slave mount, which fails
+# where / is not a mount point (mountpoint(1) and mountinfo cannot tell in a chroot).
+if [ -z "${LAB_NSENTER:-}" ] && unshare --mount --propagation slave true 2>/dev/null; then
   NETNS_BY_HAND=""
 else
   NETNS_BY_HAND=1
