@@ -82,6 +82,11 @@ netns_exec_bg() {
     sh -c 'mount --make-rprivate /sys && mount -t sysfs sysfs /sys && exec "$@"' sh "$@"
 }
 netns_exec() { ( netns_exec_bg "$@" ); }
+# `ip -n <netns> ...` switches namespaces the same way, so it gets the same treatment.
+ipn() {
+  local n=$1; shift
+  if [ -z "$NETNS_BY_HAND" ]; then ip -n "$n" "$@"; else netns_exec "$n" ip "$@"; fi
+}
 in_ns() { local n=$1; shift; netns_exec "$(ns "$n")" "$@"; }
 node_ip() { echo "198.18.0.$((10 + $1))"; }
 CP_IP6=fd00:198:18::1
@@ -166,22 +171,22 @@ K
 make_lan() {
   ip netns list | grep -qw "$(ns lan)" && return 0
   ip netns add "$(ns lan)"
-  ip -n "$(ns lan)" link set lo up
-  ip -n "$(ns lan)" link add br0 type bridge
-  ip -n "$(ns lan)" link set br0 up
+  ipn "$(ns lan)" link set lo up
+  ipn "$(ns lan)" link add br0 type bridge
+  ipn "$(ns lan)" link set br0 up
 }
 
 attach() { # attach <ns-suffix> <port-name> <ip/len> [gw] [ip6/len] [gw6]
   local n=$1 port=$2 addr=$3 gw=${4:-} addr6=${5:-} gw6=${6:-}
   ip netns add "$(ns "$n")"
-  ip -n "$(ns "$n")" link set lo up
-  ip -n "$(ns lan)" link add "$port" type veth peer name eth0 netns "$(ns "$n")"
-  ip -n "$(ns lan)" link set "$port" master br0 up
-  ip -n "$(ns "$n")" addr add "$addr" dev eth0
-  [ -z "$addr6" ] || ip -n "$(ns "$n")" addr add "$addr6" dev eth0 nodad
-  ip -n "$(ns "$n")" link set eth0 up
-  [ -z "$gw" ] || ip -n "$(ns "$n")" route add default via "$gw"
-  [ -z "$gw6" ] || ip -n "$(ns "$n")" -6 route add default via "$gw6"
+  ipn "$(ns "$n")" link set lo up
+  ipn "$(ns lan)" link add "$port" type veth peer name eth0 netns "$(ns "$n")"
+  ipn "$(ns lan)" link set "$port" master br0 up
+  ipn "$(ns "$n")" addr add "$addr" dev eth0
+  [ -z "$addr6" ] || ipn "$(ns "$n")" addr add "$addr6" dev eth0 nodad
+  ipn "$(ns "$n")" link set eth0 up
+  [ -z "$gw" ] || ipn "$(ns "$n")" route add default via "$gw"
+  [ -z "$gw6" ] || ipn "$(ns "$n")" -6 route add default via "$gw6"
 }
 
 start_etcd() {
@@ -331,7 +336,7 @@ cmd_pod_add() {
   . "$env"
   local podns; podns=$(ns "n$i-$pod")
   ip netns add "$podns"
-  ip -n "$podns" link set lo up
+  ipn "$podns" link set lo up
   local ipmasq=true; [ "${FLANNEL_IPMASQ:-false}" = true ] && ipmasq=false
   # The configuration the flannel CNI plugin hands to `bridge`: one range and
   # one route per family that subnet.env carries.
@@ -374,16 +379,16 @@ cmd_pod_ip() {
 
 cmd_dump() {
   local i=$1 n dev; n=$(ns "n$i")
-  local devs; devs=$(ip -n "$n" -o link show type vxlan 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1)
+  local devs; devs=$(ipn "$n" -o link show type vxlan 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1)
   echo "== node$i ($(node_ip "$i"))"
   for dev in $devs; do
-    echo "-- ip -d link show $dev"; ip -n "$n" -d link show "$dev"
-    echo "-- ip addr show $dev"; ip -n "$n" addr show "$dev" | grep -v 'scope link'
+    echo "-- ip -d link show $dev"; ipn "$n" -d link show "$dev"
+    echo "-- ip addr show $dev"; ipn "$n" addr show "$dev" | grep -v 'scope link'
   done
-  echo "-- ip route"; ip -n "$n" route
-  if has_v6; then echo "-- ip -6 route"; ip -n "$n" -6 route; fi
+  echo "-- ip route"; ipn "$n" route
+  if has_v6; then echo "-- ip -6 route"; ipn "$n" -6 route; fi
   for dev in $devs; do
-    echo "-- ip neigh show dev $dev"; ip -n "$n" neigh show dev "$dev"
+    echo "-- ip neigh show dev $dev"; ipn "$n" neigh show dev "$dev"
     echo "-- bridge fdb show dev $dev"; netns_exec "$n" bridge fdb show dev "$dev"
   done
   echo "-- cat subnet.env"; cat "$DIR/n$i/subnet.env" 2>/dev/null || echo "(none)"
