@@ -109,6 +109,7 @@ until [ "$(ip netns exec "$NS" bridge fdb show dev flannel.1 | grep -c self)" -g
 done
 burst_ms=$(echo "scale=1; ($(date +%s%N) - $start_ns) / 1000000" | bc)
 c0=$(ticks "$pid"); sleep "$IDLE"; c1=$(ticks "$pid")
+rss_idle=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
 idle_ms=$(( (c1 - c0) * 1000 / hz ))
 
 cat <<R
@@ -118,6 +119,7 @@ flannel-rs benchmark: MODE=$MODE N=$N ($(nproc) cores, $(uname -r))
   CPU to converge                          : ${cpu_conv} s (${split})
   RSS after convergence / peak (VmHWM)     : $((rss / 1024)) MB / $((hwm / 1024)) MB  (${rss} kB / ${hwm} kB)
   RSS by kind                              : ${rss_split}
+  RSS after the events below and ${IDLE} s idle : $((rss_idle / 1024)) MB  (${rss_idle} kB)
   new peer → FDB entry (ms)                : $(stats "${add[@]}")   [${add[*]}]
   peer removed → FDB entry gone (ms)       : $(stats "${del[@]}")   [${del[*]}]
   burst of $B peers → all programmed       : ${burst_ms} ms (from the first create request)
