@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 N=${N:-1000}; MODE=${MODE:-kube}; LAB=${LAB:-bench}; IDLE=${IDLE:-60}
 [ "$(id -u)" = 0 ] || { echo "bench: run as root" >&2; exit 1; }
 cargo build --release --locked --bins --example populate >/dev/null 2>&1
-export FLANNELD=$PWD/target/release/flanneld
+export FLANNELD=${FLANNELD:-$PWD/target/release/flanneld}  # another build (or upstream) side by side
 POP=$PWD/target/release/examples/populate
 L() { bash scripts/lab.sh "$@"; }
 # The agent's log is kept beside the figures (the lab itself is removed).

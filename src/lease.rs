@@ -256,8 +256,10 @@ pub struct PeerSet {
     /// Accepted subnets: (is_v6, first address) → (last address, peer name).
     by_subnet: BTreeMap<(bool, u128), (u128, String)>,
     by_mac: HashMap<Mac, String>,
-    /// Peers whose accepted lease changed since the last [`PeerSet::take_dirty`].
-    dirty: std::collections::BTreeSet<String>,
+    /// Peers whose accepted lease changed since the last [`PeerSet::take_dirty`],
+    /// with the lease they had accepted before (None: none): its keys are what
+    /// the peer owned in the kernel.
+    dirty: BTreeMap<String, Option<Lease>>,
 }
 
 /// What changed in the accepted set after an update.
@@ -296,19 +298,21 @@ impl PeerSet {
 
     /// The peers whose accepted lease changed (added, replaced or dropped) since
     /// the last call: the scope of the next incremental reconcile.
-    pub fn take_dirty(&mut self) -> Vec<String> {
+    pub fn take_dirty(&mut self) -> Vec<(String, Option<Lease>)> {
         std::mem::take(&mut self.dirty).into_iter().collect()
     }
 
     /// Puts `names` in the next incremental reconcile's scope (a re-list that
     /// replaced the whole set must also remove peers it no longer holds).
-    pub fn mark_dirty(&mut self, names: impl IntoIterator<Item = String>) {
-        self.dirty.extend(names);
+    pub fn mark_dirty(&mut self, before: impl IntoIterator<Item = (String, Option<Lease>)>) {
+        for (name, lease) in before {
+            self.dirty.entry(name).or_insert(lease);
+        }
     }
 
     fn accept(&mut self, name: String, lease: Lease) {
         self.unaccept(&name);
-        self.dirty.insert(name.clone());
+        self.dirty.entry(name.clone()).or_insert(None);
         for n in subnets(&lease) {
             let (lo, hi) = subnet::range(&n);
             self.by_subnet.insert((n.is_ipv6(), lo), (hi, name.clone()));
@@ -321,7 +325,9 @@ impl PeerSet {
 
     fn unaccept(&mut self, name: &str) -> Option<Lease> {
         let lease = self.accepted.remove(name)?;
-        self.dirty.insert(name.to_string());
+        self.dirty
+            .entry(name.to_string())
+            .or_insert_with(|| Some(lease.clone()));
         for n in subnets(&lease) {
             self.by_subnet.remove(&(n.is_ipv6(), subnet::range(&n).0));
         }
@@ -541,6 +547,41 @@ mod tests {
             ..dual
         };
         assert!(only6.validate_peer(&v4only, &own()).is_err());
+    }
+
+    #[test]
+    fn dirty_set_names_changed_peers_with_what_they_held_before() {
+        let (c, o) = (conf(), own());
+        let mut set = PeerSet::default();
+        let a = lease("10.244.2.0/24", "198.18.0.12", "52:00:00:00:00:02");
+        let a2 = lease("10.244.2.0/24", "198.18.0.12", "52:00:00:00:00:22");
+        set.upsert("a", a.clone(), &c, &o);
+        assert_eq!(set.take_dirty(), vec![("a".to_string(), None)]);
+        // Twice in one batch: the lease from before the batch is kept.
+        set.upsert("a", a2.clone(), &c, &o);
+        set.upsert(
+            "a",
+            lease("10.244.2.0/24", "198.18.0.12", "52:00:00:00:00:23"),
+            &c,
+            &o,
+        );
+        assert_eq!(set.take_dirty(), vec![("a".to_string(), Some(a))]);
+        let _ = a2;
+        assert!(set.take_dirty().is_empty());
+        // A claimant waiting for a's subnet takes it when a leaves: both are dirty.
+        let b = lease("10.244.2.0/24", "198.18.0.13", "52:00:00:00:00:03");
+        set.upsert("b", b, &c, &o);
+        assert!(
+            set.take_dirty().is_empty(),
+            "a refused claimant changes nothing"
+        );
+        set.remove("a", &c, &o);
+        let d = set.take_dirty();
+        assert_eq!(
+            d.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert!(d[0].1.is_some() && d[1].1.is_none());
     }
 
     #[test]

@@ -443,7 +443,8 @@ fn one_changed_peer_among_thousands_costs_its_own_entries() {
     lab.kubectl(&["create", "-f", path.to_str().unwrap()]);
     lab.start_flannel(1, &["--healthz-ip=0.0.0.0", "--healthz-port=8471"]);
     wait_until(Duration::from_secs(90), "all peers programmed", || {
-        lab.flannel_log(1).contains(&format!("dataplane ready: {N} peers"))
+        lab.flannel_log(1)
+            .contains(&format!("dataplane ready: {N} peers"))
             && lab.routes(1).len() == N as usize
     });
     let ops = || -> u64 {

@@ -229,17 +229,21 @@ impl PeerEntries {
     }
 }
 
-/// A peer's new entries (None: it owns nothing any more).
-pub type PeerChange = (String, Option<PeerEntries>);
+/// One changed peer: the entries it owned before and the ones it owns now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerChange {
+    pub old: Option<PeerEntries>,
+    pub new: Option<PeerEntries>,
+}
 
-/// The kernel state we hold, indexed by the peer owning each entry (after
-/// Calico felix's delta tracker): a change of some peers is diffed against
-/// only those peers' keys — O(changed peers × log N), whatever N — while a full
-/// check diffs everything against a kernel dump and [`Tracker::reset`]s it.
-/// Both go through the same [`diff`] and the same apply.
+/// The kernel state we hold (after Calico felix's delta tracker): a change of
+/// some peers is diffed against only those peers' keys, old and new — O(changed
+/// peers × log N), whatever N — while a full check diffs everything against a
+/// kernel dump and [`Tracker::reset`]s it. Both go through the same [`diff`] and
+/// the same apply. Which peer owned what before is carried by the change itself
+/// (from its previous lease), so nothing per peer is stored here.
 #[derive(Debug, Default, Clone)]
 pub struct Tracker {
-    owned: std::collections::HashMap<String, PeerEntries>,
     applied: State,
 }
 
@@ -249,24 +253,18 @@ impl Tracker {
         &self.applied
     }
 
-    /// The entries `name` owns now.
-    pub fn owned(&self, name: &str) -> Option<&PeerEntries> {
-        self.owned.get(name)
-    }
-
     /// The changes that bring the keys of the changed peers (old and new keys)
     /// to their new entries, and nothing else.
     pub fn scoped(&self, changes: &[PeerChange]) -> Diff {
         let mut want = State::default();
         let mut have = State::default();
-        for (name, new) in changes {
-            if let Some(old) = self.owned.get(name) {
-                old.copy_held(&self.applied, &mut have);
+        for c in changes {
+            for e in c.old.iter().chain(&c.new) {
+                e.copy_held(&self.applied, &mut have);
             }
-            if let Some(new) = new {
-                new.copy_held(&self.applied, &mut have);
-                new.add_to(&mut want);
-            }
+        }
+        for e in changes.iter().filter_map(|c| c.new.as_ref()) {
+            e.add_to(&mut want);
         }
         let fdb_all = have.fdb.iter().map(|(m, i)| (*m, *i)).collect();
         diff(
@@ -278,8 +276,8 @@ impl Tracker {
         )
     }
 
-    /// Records that `d` (from [`Tracker::scoped`] over `changes`) was applied.
-    pub fn commit(&mut self, changes: Vec<PeerChange>, d: &Diff) {
+    /// Records that `d` was applied.
+    pub fn commit(&mut self, d: &Diff) {
         for (k, _) in &d.routes.del {
             self.applied.routes.remove(k);
         }
@@ -290,17 +288,10 @@ impl Tracker {
             self.applied.fdb.remove(k);
         }
         self.applied.absorb(d);
-        for (name, new) in changes {
-            match new {
-                Some(e) => self.owned.insert(name, e),
-                None => self.owned.remove(&name),
-            };
-        }
     }
 
-    /// After a full check: every peer's entries, and the kernel now holding them.
-    pub fn reset(&mut self, owned: std::collections::HashMap<String, PeerEntries>, applied: State) {
-        self.owned = owned;
+    /// After a full check: the kernel now holds `applied`.
+    pub fn reset(&mut self, applied: State) {
         self.applied = applied;
     }
 }
@@ -442,6 +433,7 @@ mod tests {
         ) {
             let mut kernel = State::default();
             let mut tracker = Tracker::default();
+            let mut owned: std::collections::BTreeMap<u8, PeerEntries> = Default::default();
             // Keys stay unique as the peer set guarantees: a subnet or MAC held by
             // another peer is refused.
             let mut current: std::collections::BTreeMap<u8, PeerEntries> = Default::default();
@@ -453,11 +445,14 @@ mod tests {
                     Some(e) => current.insert(peer, e),
                     None => current.remove(&peer),
                 };
-                let changes = vec![(format!("p{peer}"), new)];
-                let d = tracker.scoped(&changes);
+                let old = match new {
+                    Some(e) => owned.insert(peer, e),
+                    None => owned.remove(&peer),
+                };
+                let d = tracker.scoped(&[PeerChange { old, new }]);
                 proptest::prop_assert!(d.ops() <= 6, "one peer's change touched {} entries", d.ops());
                 apply(&mut kernel, &d);
-                tracker.commit(changes, &d);
+                tracker.commit(&d);
                 proptest::prop_assert_eq!(tracker.applied(), &kernel);
             }
             let mut want = State::default();

@@ -176,12 +176,18 @@ impl<B: Backend> Reconciler<B> {
                 }
                 // Current holders first, so a re-list cannot hand a subnet to a claimant.
                 let mut old = std::mem::take(&mut self.peers);
-                let gone: Vec<String> = old
+                // Everything the old set held is in the next pass's scope, with
+                // what it held (a peer missing from the new list is removed).
+                let before: Vec<(String, Option<Lease>)> = old
                     .take_dirty()
                     .into_iter()
-                    .chain(old.accepted().keys().cloned())
+                    .chain(
+                        old.accepted()
+                            .iter()
+                            .map(|(n, l)| (n.clone(), Some(l.clone()))),
+                    )
                     .collect();
-                self.peers.mark_dirty(gone);
+                self.peers.mark_dirty(before);
                 let (mut first, rest): (Vec<_>, Vec<_>) = items.into_iter().partition(
                     |(n, r)| matches!(r, Ok(Some(l)) if old.accepted().get(n) == Some(l)),
                 );
@@ -357,11 +363,9 @@ impl<B: Backend> Reconciler<B> {
         let devices = self.backend.devices(&self.ext, v6);
         let names: Vec<String> = self.peers.accepted().keys().cloned().collect();
         let mut want = State::default();
-        let mut owned = HashMap::with_capacity(names.len());
         for name in names {
             if let Some(e) = self.peer_entries(&name, v6) {
                 e.add_to(&mut want);
-                owned.insert(name, e);
             }
         }
         // Published before applying, so the echoes of our own changes match it.
@@ -382,14 +386,20 @@ impl<B: Backend> Reconciler<B> {
         let d = diff(&want, &have);
         let ok = self.apply(i, &d, devices, started, true).await;
         if ok {
-            self.planes[i].tracker.reset(owned, want);
+            self.planes[i].tracker.reset(want);
         }
         self.planes[i].known = ok;
         ok
     }
 
-    /// Only the `touched` peers' entries, against what was applied.
-    async fn scoped_plane(&mut self, i: usize, touched: &[String], started: Instant) -> bool {
+    /// Only the `touched` peers' entries (what they owned under their previous
+    /// lease, and what they own now), against what was applied.
+    async fn scoped_plane(
+        &mut self,
+        i: usize,
+        touched: &[(String, Option<Lease>)],
+        started: Instant,
+    ) -> bool {
         if touched.is_empty() {
             return true;
         }
@@ -397,24 +407,28 @@ impl<B: Backend> Reconciler<B> {
         let devices = self.backend.devices(&self.ext, v6);
         let changes: Vec<PeerChange> = touched
             .iter()
-            .map(|n| (n.clone(), self.peer_entries(n, v6)))
+            .map(|(name, before)| PeerChange {
+                old: before
+                    .as_ref()
+                    .and_then(|l| self.backend.entries(&self.ext, l, v6).ok().flatten()),
+                new: self.peer_entries(name, v6),
+            })
             .collect();
         let d = self.planes[i].tracker.scoped(&changes);
         {
             let mut w = self.watched.write().unwrap_or_else(|e| e.into_inner());
             let st = &mut w.planes[i].0;
-            for (name, new) in &changes {
-                if let Some(old) = self.planes[i].tracker.owned(name) {
-                    old.remove_from(st);
-                }
-                if let Some(e) = new {
-                    e.add_to(st);
-                }
+            // All removals first: a key may pass from one changed peer to another.
+            for old in changes.iter().filter_map(|c| c.old) {
+                old.remove_from(st);
+            }
+            for new in changes.iter().filter_map(|c| c.new) {
+                new.add_to(st);
             }
         }
         let ok = self.apply(i, &d, devices, started, false).await;
         if ok {
-            self.planes[i].tracker.commit(changes, &d);
+            self.planes[i].tracker.commit(&d);
         } else {
             self.planes[i].known = false;
         }
