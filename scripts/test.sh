@@ -9,6 +9,13 @@ include=()
 if [ "$(id -u)" = 0 ]; then
   bash scripts/install-deps.sh
   include=(--include-ignored)
+  # buildah remounts / while storing an image layer, which fails where / is not a
+  # mount point (a chroot, e.g. ../shared/tools/fresh-machine.sh; never a real machine).
+  # There that one test is left out by name, so the summary counts it as filtered out.
+  if ! unshare --mount --propagation slave true 2>/dev/null; then
+    echo "test.sh: / is not a mount point here (a chroot): leaving out image_builds_with_buildah_and_runs" >&2
+    include+=(--skip image_builds_with_buildah_and_runs)
+  fi
 else
   echo "test.sh: not root: installing nothing; the end-to-end tests will be reported as ignored" >&2
 fi
