@@ -41,6 +41,18 @@ fn now_ns() -> u128 {
         .unwrap_or(0)
 }
 
+/// The Nodes API with its connection warmed (TLS handshake done), so a printed
+/// time is the request's own.
+async fn warm_nodes_api(kubeconfig: &str) -> anyhow::Result<Api<Node>> {
+    let kc = Kubeconfig::read_from(kubeconfig)?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    let nodes: Api<Node> = Api::all(kube::Client::try_from(cfg)?);
+    nodes
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await?;
+    Ok(nodes)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
@@ -51,14 +63,7 @@ async fn main() -> anyhow::Result<()> {
     let (first, count): (u32, u32) = (a[3].parse()?, a[4].parse()?);
     match a[1].as_str() {
         "kube" => {
-            let kc = Kubeconfig::read_from(&a[2])?;
-            let cfg =
-                kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-            let nodes: Api<Node> = Api::all(kube::Client::try_from(cfg)?);
-            // Warm the connection (TLS handshake) so the printed time is the request's.
-            nodes
-                .list_metadata(&kube::api::ListParams::default().limit(1))
-                .await?;
+            let nodes = warm_nodes_api(&a[2]).await?;
             println!("{}", now_ns());
             let results: Vec<_> = stream::iter(first..first + count)
                 .map(|k| {
@@ -111,13 +116,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         "kube-delete" => {
-            let kc = Kubeconfig::read_from(&a[2])?;
-            let cfg =
-                kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-            let nodes: Api<Node> = Api::all(kube::Client::try_from(cfg)?);
-            nodes
-                .list_metadata(&kube::api::ListParams::default().limit(1))
-                .await?;
+            let nodes = warm_nodes_api(&a[2]).await?;
             println!("{}", now_ns());
             for k in first..first + count {
                 nodes

@@ -342,15 +342,11 @@ fn peer_node(name: &str, k: u32) -> serde_json::Value {
     })
 }
 
-/// More than one page of Nodes: peers are programmed while the list is still being
-/// read, yet a newer Node claiming an older one's subnet still loses — even when its
-/// name comes first in the list — and nothing of it stays in the kernel.
-#[test]
-#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
-fn large_list_programs_ahead_and_older_node_wins() {
-    require_root();
+/// A one-node lab (Network 10.128.0.0/9) whose API server holds `n` peer Nodes
+/// peer-0001… as running flanneld agents would have annotated them.
+fn lab_with_peers(name: &str, n: u32) -> Lab {
     let lab = Lab::up(
-        "biglist",
+        name,
         &[
             "--nodes",
             "1",
@@ -360,14 +356,25 @@ fn large_list_programs_ahead_and_older_node_wins() {
             r#"{"Network":"10.128.0.0/9","Backend":{"Type":"vxlan"}}"#,
         ],
     );
-    const N: u32 = 1100;
-    let items: Vec<serde_json::Value> = (1..=N)
+    let items: Vec<serde_json::Value> = (1..=n)
         .map(|k| peer_node(&format!("peer-{k:04}"), k))
         .collect();
     let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
     let path = lab.dir.join("peers.json");
     std::fs::write(&path, list.to_string()).unwrap();
     lab.kubectl(&["create", "-f", path.to_str().unwrap()]);
+    lab
+}
+
+/// More than one page of Nodes: peers are programmed while the list is still being
+/// read, yet a newer Node claiming an older one's subnet still loses — even when its
+/// name comes first in the list — and nothing of it stays in the kernel.
+#[test]
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
+fn large_list_programs_ahead_and_older_node_wins() {
+    require_root();
+    const N: u32 = 1100;
+    let lab = lab_with_peers("biglist", N);
     // Creation times have one-second resolution: the claimant is clearly newer.
     std::thread::sleep(Duration::from_millis(1500));
     let mut evil = peer_node("aaa-evil", 300);
@@ -422,25 +429,8 @@ fn large_list_programs_ahead_and_older_node_wins() {
 #[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
 fn one_changed_peer_among_thousands_costs_its_own_entries() {
     require_root();
-    let lab = Lab::up(
-        "scoped",
-        &[
-            "--nodes",
-            "1",
-            "--pod-base",
-            "10.128",
-            "--net-conf",
-            r#"{"Network":"10.128.0.0/9","Backend":{"Type":"vxlan"}}"#,
-        ],
-    );
     const N: u32 = 3000;
-    let items: Vec<serde_json::Value> = (1..=N)
-        .map(|k| peer_node(&format!("peer-{k:04}"), k))
-        .collect();
-    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
-    let path = lab.dir.join("peers.json");
-    std::fs::write(&path, list.to_string()).unwrap();
-    lab.kubectl(&["create", "-f", path.to_str().unwrap()]);
+    let lab = lab_with_peers("scoped", N);
     lab.start_flannel(1, &["--healthz-ip=0.0.0.0", "--healthz-port=8471"]);
     wait_until(Duration::from_secs(90), "all peers programmed", || {
         lab.flannel_log(1)
