@@ -78,9 +78,14 @@ impl SubnetEnv {
             let v = v.trim().trim_matches('"');
             match k.trim() {
                 "FLANNEL_NETWORK" => env.network = as_net(v).filter(|n| n.is_ipv4()),
-                "FLANNEL_SUBNET" => env.subnet = as_net(v).filter(|n| n.is_ipv4()),
+                // A subnet is written as its first address: a /32 (/128) has none to spare.
+                "FLANNEL_SUBNET" => {
+                    env.subnet = as_net(v).filter(|n| n.is_ipv4() && n.prefix() < 32)
+                }
                 "FLANNEL_IPV6_NETWORK" => env.ipv6_network = as_net(v).filter(|n| n.is_ipv6()),
-                "FLANNEL_IPV6_SUBNET" => env.ipv6_subnet = as_net(v).filter(|n| n.is_ipv6()),
+                "FLANNEL_IPV6_SUBNET" => {
+                    env.ipv6_subnet = as_net(v).filter(|n| n.is_ipv6() && n.prefix() < 128)
+                }
                 "FLANNEL_MTU" => env.mtu = v.parse().ok(),
                 "FLANNEL_IPMASQ" => env.ipmasq = v.parse().ok(),
                 _ => {}
