@@ -15,7 +15,7 @@ use crate::config::flags::Flags;
 use crate::config::netconf::NetConf;
 use crate::dataplane::model::State;
 use crate::dataplane::netlink::Netlink;
-use crate::firewall::{self, iptables::Iptables, nftables::Nftables, Wanted};
+use crate::firewall;
 use crate::iface;
 use crate::lease::PeerSet;
 use crate::manager::{LeaseEvent, LeaseRequest, SubnetManager};
@@ -97,25 +97,22 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
         };
         env.write(&flags.subnet_file)?;
         tracing::info!("wrote {}", flags.subnet_file.display());
-        let planes = planes(&conf, &own);
-        for p in &planes {
-            if flags.ip_masq || flags.iptables_forward_rules {
-                let want = Wanted::new(
-                    p.scope.network,
-                    p.scope.own,
-                    flags.ip_masq,
-                    flags.iptables_forward_rules,
-                );
-                let resync = Duration::from_secs(flags.iptables_resync);
-                let m = metrics.clone();
-                if conf.enable_nftables {
-                    tokio::spawn(firewall::keep(Nftables::new(), want, resync, m));
-                } else {
-                    let fw = Iptables::new().await;
-                    tokio::spawn(firewall::keep(fw, want, resync, m));
-                }
-            }
-        }
+        let planes = planes(&conf, &own, flags.ip_blackhole_route);
+        let setup = firewall::Setup {
+            ip_masq: flags.ip_masq,
+            forward: flags.iptables_forward_rules,
+            fully_random: !flags.ip_masq_fully_random_disable,
+            nftables: conf.enable_nftables,
+            iptables_mode: flags.iptables_mode.clone(),
+            resync: Duration::from_secs(flags.iptables_resync),
+        };
+        let families: Vec<_> = planes
+            .iter()
+            .map(|p| (p.scope.network, p.scope.own))
+            .collect();
+        firewall::start(&setup, &families, metrics.clone())
+            .await
+            .context("setting up the masquerade/forward rules")?;
 
         let (tx, mut rx) = mpsc::channel(queue_depth.max(16));
         {

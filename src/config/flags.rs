@@ -109,6 +109,18 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_IP_MASQ", default_value = "false", num_args = 0..=1,
           require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub ip_masq: bool,
+    /// do not add --random-fully (nftables: fully-random) to the MASQUERADE rules (upstream v0.27.4+)
+    #[arg(long, env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", default_value = "false", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
+    pub ip_masq_fully_random_disable: bool,
+    /// keep a blackhole route for this node's own pod subnet(s), e.g. without the bridge plugin (upstream v0.27.1+)
+    #[arg(long, env = "FLANNELD_IP_BLACKHOLE_ROUTE", default_value = "false", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
+    pub ip_blackhole_route: bool,
+    /// iptables backend for the rules: auto (the one the host's rules already use, as kube-proxy's iptables-wrapper), legacy or nft (flannel-rs)
+    #[arg(long, env = "FLANNELD_IPTABLES_MODE", default_value = "auto",
+          value_parser = ["auto", "legacy", "nft"])]
+    pub iptables_mode: String,
     /// contact the Kubernetes API for subnet assignment instead of etcd
     #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", default_value = "false", num_args = 0..=1,
           require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
@@ -536,6 +548,9 @@ mod tests {
             "--iptables-forward-rules",
             "--net-config-path",
             "--set-node-network-unavailable",
+            "--ip-blackhole-route",
+            "--ip-masq-fully-random-disable",
+            "--iptables-mode",
             "-v",
         ] {
             assert!(help.contains(flag), "help misses {flag}");

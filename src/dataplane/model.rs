@@ -18,6 +18,8 @@ pub enum Dev {
     Overlay,
     /// The underlay interface (host-gw, DirectRouting).
     Underlay,
+    /// No device: `blackhole <own subnet>` (`--ip-blackhole-route`).
+    Blackhole,
 }
 
 /// A route to a peer's subnet.
@@ -27,6 +29,22 @@ pub struct Route {
     pub dev: Dev,
     /// `onlink`: the gateway is on the device even though no address says so (vxlan).
     pub onlink: bool,
+}
+
+impl Route {
+    /// `blackhole <own subnet>`: what no pod address in it answers is dropped
+    /// here instead of following the default route out of the node.
+    pub fn blackhole(v6: bool) -> Route {
+        Route {
+            via: if v6 {
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+            },
+            dev: Dev::Blackhole,
+            onlink: false,
+        }
+    }
 }
 
 /// Entries keyed so that each key has at most one owner: a destination subnet,

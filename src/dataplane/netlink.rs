@@ -149,6 +149,7 @@ impl Devices {
         match d {
             Dev::Overlay => self.overlay,
             Dev::Underlay => Some(self.underlay),
+            Dev::Blackhole => None,
         }
     }
 }
@@ -158,6 +159,8 @@ impl Devices {
 pub struct Scope {
     pub network: IpNetwork,
     pub own: IpNetwork,
+    /// `--ip-blackhole-route`: `blackhole <own>` is ours too.
+    pub blackhole: bool,
 }
 
 /// Results of applying a diff: how many requests went out, and which failed.
@@ -483,7 +486,16 @@ impl Netlink {
         let mut obs = Observed::default();
         let mut routes = self.handle.route().get(msg).execute();
         while let Some(r) = routes.try_next().await.map_err(nlerr("dump", "routes"))? {
-            if r.header.table != RouteHeader::RT_TABLE_MAIN || r.header.kind != RouteType::Unicast {
+            if r.header.table != RouteHeader::RT_TABLE_MAIN {
+                continue;
+            }
+            if r.header.kind == RouteType::BlackHole {
+                if scope.blackhole && is_own_blackhole(&r, scope) {
+                    obs.state.routes.insert(scope.own, Route::blackhole(v6));
+                }
+                continue;
+            }
+            if r.header.kind != RouteType::Unicast {
                 continue;
             }
             let mut dst = None;
@@ -585,6 +597,12 @@ impl Netlink {
         m.header.kind = RouteType::Unicast;
         m.attributes
             .push(RouteAttribute::Destination(addr_of(dst.network())));
+        if r.is_some_and(|r| r.dev == Dev::Blackhole) {
+            m.header.kind = RouteType::BlackHole;
+            m.attributes
+                .push(RouteAttribute::Priority(BLACKHOLE_METRIC));
+            return Some(m);
+        }
         if let Some(r) = r {
             m.attributes.push(RouteAttribute::Gateway(addr_of(r.via)));
             m.attributes.push(RouteAttribute::Oif(dev.index(r.dev)?));
@@ -725,6 +743,22 @@ fn neigh_fields(n: &NeighbourMessage) -> (Option<IpAddr>, Option<Mac>) {
     (ip, mac)
 }
 
+/// The blackhole route's metric: the lowest priority there is, so it never
+/// collides with (or, being written with NLM_F_REPLACE, replaces) the bridge's
+/// connected route for the same subnet; it only decides where nothing else does.
+pub const BLACKHOLE_METRIC: u32 = u32::MAX;
+
+/// A blackhole route in the main table whose destination is exactly our subnet.
+fn is_own_blackhole(r: &RouteMessage, scope: Scope) -> bool {
+    r.header.table == RouteHeader::RT_TABLE_MAIN
+        && r.header.kind == RouteType::BlackHole
+        && r.header.destination_prefix_length == scope.own.prefix()
+        && r.attributes.iter().any(|a| match a {
+            RouteAttribute::Destination(d) => route_ip(d) == Some(scope.own.network()),
+            _ => false,
+        })
+}
+
 /// Whether a netlink notification shows the kernel deviating from `want`: an
 /// entry we want was removed or changed, or the device went away or down.
 /// The echoes of our own changes match `want` and are not deviations, so they
@@ -758,6 +792,13 @@ pub fn deviates(
                     RouteAttribute::Oif(i) => oif = Some(*i),
                     _ => {}
                 }
+            }
+            if r.header.kind == RouteType::BlackHole {
+                // Only ours (`--ip-blackhole-route`) matters, and only its removal.
+                return scope.blackhole
+                    && is_own_blackhole(r, scope)
+                    && matches!(msg, RouteNetlinkMessage::DelRoute(_))
+                    && want.routes.contains_key(&scope.own);
             }
             let Some(net) =
                 dst.and_then(|d| IpNetwork::new(d, r.header.destination_prefix_length).ok())

@@ -70,7 +70,7 @@ pub fn show(ips: &[Option<std::net::IpAddr>]) -> String {
 }
 
 /// The families this node routes: enabled in the config and leased.
-pub fn planes(conf: &NetConf, own: &Lease) -> Vec<Plane> {
+pub fn planes(conf: &NetConf, own: &Lease, blackhole: bool) -> Vec<Plane> {
     let v4 = conf
         .v4
         .as_ref()
@@ -85,7 +85,11 @@ pub fn planes(conf: &NetConf, own: &Lease) -> Vec<Plane> {
         .chain(v6)
         .map(|(v6, network, own)| Plane {
             v6,
-            scope: Scope { network, own },
+            scope: Scope {
+                network,
+                own,
+                blackhole,
+            },
             tracker: Tracker::default(),
             known: false,
             seen: None,
@@ -367,6 +371,10 @@ impl<B: Backend> Reconciler<B> {
             if let Some(e) = self.peer_entries(&name, v6) {
                 e.add_to(&mut want);
             }
+        }
+        if scope.blackhole {
+            want.routes
+                .insert(scope.own, crate::dataplane::model::Route::blackhole(v6));
         }
         // Published before applying, so the echoes of our own changes match it.
         {
