@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use ipnetwork::IpNetwork;
 
+pub mod detect;
 pub mod iptables;
 pub mod nftables;
+mod run;
 
 pub const MASQ_COMMENT: &str = "flanneld masq";
 pub const FWD_COMMENT: &str = "flanneld forward";
@@ -91,6 +93,8 @@ pub struct Wanted {
     pub v6: bool,
     pub masq: Vec<Rule>,
     pub forward: Vec<Rule>,
+    /// MASQUERADE with `--random-fully` (off under `--ip-masq-fully-random-disable`).
+    pub fully_random: bool,
 }
 
 impl Wanted {
@@ -107,6 +111,7 @@ impl Wanted {
             } else {
                 vec![]
             },
+            fully_random: true,
         }
     }
 }
@@ -115,6 +120,102 @@ impl Wanted {
 pub trait Firewall: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn ensure(&mut self, want: &Wanted) -> impl Future<Output = anyhow::Result<bool>> + Send;
+}
+
+/// What the firewall keepers need to know (from the flags and net-conf).
+pub struct Setup {
+    pub ip_masq: bool,
+    pub forward: bool,
+    pub fully_random: bool,
+    pub nftables: bool,
+    /// --iptables-mode: auto, legacy or nft.
+    pub iptables_mode: String,
+    pub resync: Duration,
+}
+
+/// Starts one keeper per routed family (network, own subnet). In iptables mode
+/// the flavour is chosen once, logged with its reason, and our chains are
+/// cleared from the other flavour and our nftables tables removed (what an
+/// earlier run or mode left); nftables mode removes our iptables chains.
+pub async fn start(
+    setup: &Setup,
+    families: &[(IpNetwork, IpNetwork)],
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> anyhow::Result<()> {
+    if !setup.ip_masq && !setup.forward {
+        return Ok(());
+    }
+    let wanted = |(network, own): &(IpNetwork, IpNetwork)| {
+        let mut w = Wanted::new(*network, *own, setup.ip_masq, setup.forward);
+        w.fully_random = setup.fully_random;
+        w
+    };
+    if setup.nftables {
+        for f in families {
+            let want = wanted(f);
+            clear_iptables_leftovers(want.v6).await;
+            tokio::spawn(keep(
+                nftables::Nftables::new(),
+                want,
+                setup.resync,
+                metrics.clone(),
+            ));
+        }
+        return Ok(());
+    }
+    let choice = detect::detect(&setup.iptables_mode).await?;
+    tracing::info!(
+        "iptables: using the {} tools ({}, {}): {}",
+        choice.v4.flavour.name(),
+        choice.v4.iptables,
+        choice.v4.restore,
+        choice.reason
+    );
+    for f in families {
+        let want = wanted(f);
+        let v6 = want.v6;
+        if let Some((o4, o6)) = &choice.other {
+            let other = if v6 { o6 } else { o4 };
+            for c in [&iptables::MASQ, &iptables::FWD] {
+                match iptables::Iptables::remove_chain(other, c).await {
+                    Ok(true) => tracing::info!(
+                        "removed {} from {} (left by an earlier run)",
+                        c.chain,
+                        other.iptables
+                    ),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("clearing {} from {}: {e:#}", c.chain, other.iptables),
+                }
+            }
+        }
+        if let Ok(true) = nftables::remove(v6).await {
+            tracing::info!(
+                "removed the {} nftables table (left by nftables mode)",
+                nftables::table_name(v6)
+            );
+        }
+        let fw = iptables::Iptables::new(choice.v4.clone(), choice.v6.clone()).await;
+        tokio::spawn(keep(fw, want, setup.resync, metrics.clone()));
+    }
+    Ok(())
+}
+
+/// nftables mode: our iptables chains of an earlier iptables-mode run, in either flavour.
+async fn clear_iptables_leftovers(v6: bool) {
+    for f in [detect::Flavour::Legacy, detect::Flavour::Nft] {
+        for suffixed in [true, false] {
+            let t = detect::Tools::named(f, v6, suffixed);
+            for c in [&iptables::MASQ, &iptables::FWD] {
+                if let Ok(true) = iptables::Iptables::remove_chain(&t, c).await {
+                    tracing::info!(
+                        "removed {} from {} (left by iptables mode)",
+                        c.chain,
+                        t.iptables
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// Keeps `want` in place: now, then every `resync`.

@@ -2,9 +2,9 @@
 //! its own table `flannel-ipv4` / `flannel-ipv6`, replaced atomically with one
 //! `nft -f` transaction.
 
-use anyhow::{bail, Context};
-use tokio::io::AsyncWriteExt;
-use tokio::process::Command;
+use anyhow::bail;
+
+use super::run::{run_for, run_with};
 
 use super::{Action, Firewall, Rule, Wanted, FWD_COMMENT, MASQ_COMMENT};
 
@@ -33,7 +33,7 @@ pub fn table_name(v6: bool) -> &'static str {
     }
 }
 
-fn rule_text(r: &Rule, fam: &str, comment: &str) -> String {
+fn rule_text(r: &Rule, fam: &str, comment: &str, fully_random: bool) -> String {
     let mut t = String::new();
     if r.mark {
         t.push_str("meta mark & 0x4000 == 0x4000 ");
@@ -49,7 +49,8 @@ fn rule_text(r: &Rule, fam: &str, comment: &str) -> String {
     t.push_str(match r.action {
         Action::Return => "return",
         Action::Accept => "accept",
-        Action::Masquerade => "masquerade fully-random",
+        Action::Masquerade if fully_random => "masquerade fully-random",
+        Action::Masquerade => "masquerade",
     });
     t.push_str(&format!(" comment \"{comment}\""));
     t
@@ -69,7 +70,10 @@ pub fn script(want: &Wanted) -> String {
             "  chain postrtg {\n    type nat hook postrouting priority srcnat; policy accept;\n",
         );
         for r in &want.masq {
-            s.push_str(&format!("    {}\n", rule_text(r, fam, MASQ_COMMENT)));
+            s.push_str(&format!(
+                "    {}\n",
+                rule_text(r, fam, MASQ_COMMENT, want.fully_random)
+            ));
         }
         s.push_str("  }\n");
     }
@@ -78,7 +82,10 @@ pub fn script(want: &Wanted) -> String {
             "  chain forward {\n    type filter hook forward priority filter; policy accept;\n",
         );
         for r in &want.forward {
-            s.push_str(&format!("    {}\n", rule_text(r, fam, FWD_COMMENT)));
+            s.push_str(&format!(
+                "    {}\n",
+                rule_text(r, fam, FWD_COMMENT, want.fully_random)
+            ));
         }
         s.push_str("  }\n");
     }
@@ -88,14 +95,21 @@ pub fn script(want: &Wanted) -> String {
 
 async fn list(v6: bool) -> anyhow::Result<Option<String>> {
     let fam = if v6 { "ip6" } else { "ip" };
-    let o = Command::new("nft")
-        .args(["list", "table", fam, table_name(v6)])
-        .output()
-        .await
-        .context("running nft")?;
-    Ok(o.status
-        .success()
-        .then(|| String::from_utf8_lossy(&o.stdout).into_owned()))
+    let (ok, out) = run_for("nft", &["list", "table", fam, table_name(v6)]).await?;
+    Ok(ok.then_some(out))
+}
+
+/// Deletes our table of one family if it exists (leftovers when iptables mode is used).
+pub async fn remove(v6: bool) -> anyhow::Result<bool> {
+    if list(v6).await?.is_none() {
+        return Ok(false);
+    }
+    let fam = if v6 { "ip6" } else { "ip" };
+    let (ok, err) = run_for("nft", &["delete", "table", fam, table_name(v6)]).await?;
+    if !ok {
+        bail!("nft delete table {fam} {}: {}", table_name(v6), err.trim());
+    }
+    Ok(true)
 }
 
 impl Firewall for Nftables {
@@ -108,19 +122,10 @@ impl Firewall for Nftables {
         if current.is_some() && current == self.seen {
             return Ok(false);
         }
-        let mut child = Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .context("running nft")?;
         let text = script(want);
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(text.as_bytes()).await?;
-        }
-        let o = child.wait_with_output().await?;
-        if !o.status.success() {
-            bail!("nft -f: {}\n{text}", String::from_utf8_lossy(&o.stderr));
+        let (ok, err) = run_with("nft", &["-f", "-"], Some(&text)).await?;
+        if !ok {
+            bail!("nft -f: {}\n{text}", err.trim());
         }
         self.seen = list(want.v6).await?;
         Ok(true)
@@ -145,5 +150,10 @@ mod tests {
         assert!(s.contains("ip saddr != 10.244.0.0/16 ip daddr 10.244.1.0/24 return"));
         assert!(s.contains("meta mark & 0x4000 == 0x4000 return"));
         assert!(s.contains("ip daddr 10.244.0.0/16 accept comment \"flanneld forward\""));
+        let mut w = w;
+        w.fully_random = false;
+        let s = script(&w);
+        assert!(s.contains("ip saddr 10.244.0.0/16 ip daddr != 224.0.0.0/4 masquerade comment"));
+        assert!(!s.contains("fully-random"));
     }
 }

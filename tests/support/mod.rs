@@ -337,3 +337,60 @@ impl Lab {
         );
     }
 }
+
+impl Lab {
+    /// Runs `script` (bash) in a lab namespace in the background, bounded to 300 s.
+    pub fn exec_bg(&self, ns: &str, script: &str) -> Child {
+        Command::new("timeout")
+            .args(["-k", "5", "300", "bash"])
+            .arg(top().join("scripts/lab.sh"))
+            .args(["exec", &self.name, ns, "bash", "-c", script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning lab.sh exec")
+    }
+
+    /// Accepts TCP connections on `port` inside the lab namespace `ns` while
+    /// `during` runs, and returns each connection's source address as seen there.
+    pub fn tcp_sources(&self, ns: &str, port: u16, during: impl FnOnce()) -> Vec<std::net::IpAddr> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let path = format!("/run/netns/fl{}-{ns}", self.name);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let t = std::thread::spawn(move || -> Vec<std::net::IpAddr> {
+            let mut seen = Vec::new();
+            let Ok(f) = std::fs::File::open(&path) else {
+                return seen;
+            };
+            if nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+                return seen;
+            }
+            let Ok(l) = std::net::TcpListener::bind(("0.0.0.0", port)) else {
+                return seen;
+            };
+            let _ = l.set_nonblocking(true);
+            let _ = ready_tx.send(());
+            let deadline = std::time::Instant::now() + Duration::from_secs(300);
+            while !flag.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                match l.accept() {
+                    Ok((_, a)) => seen.push(a.ip()),
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+            // Connections queued when told to stop still count.
+            while let Ok((_, a)) = l.accept() {
+                seen.push(a.ip());
+            }
+            seen
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("TCP listener in the namespace");
+        during();
+        stop.store(true, Ordering::Relaxed);
+        t.join().unwrap_or_default()
+    }
+}
