@@ -10,6 +10,7 @@ pub mod backend;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod dockeropts;
 pub mod firewall;
 pub mod health;
 pub mod iface;

@@ -39,6 +39,18 @@ fn init_logging(flags: &Flags) {
 }
 
 fn main() -> ExitCode {
+    // Multi-call: under the name mk-docker-opts(.sh) this binary is that tool.
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let argv0 = argv.first().cloned().unwrap_or_default();
+    if std::path::Path::new(&argv0)
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("mk-docker-opts"))
+    {
+        let code = flannel::dockeropts::main(&argv0, &argv[1..]);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let flags = match Flags::from_env_and_args() {
         Ok(f) => f,
         Err(FlagsError::Help(h)) => {
