@@ -28,15 +28,30 @@ copy_with_libs() { # a binary and the shared libraries it loads
   done
 }
 copy_with_libs /usr/sbin/xtables-nft-multi
+copy_with_libs /usr/sbin/xtables-legacy-multi
 copy_with_libs /usr/sbin/nft
 for x in /usr/lib/x86_64-linux-gnu/xtables/*.so; do copy_with_libs "$x"; done
+# Both flavours under Debian's names; flanneld picks the host's at start
+# (--iptables-mode). The plain names are the nft flavour.
 for t in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
   ln -sf /usr/sbin/xtables-nft-multi "$ROOT/usr/sbin/$t"
+  ln -sf /usr/sbin/xtables-nft-multi "$ROOT/usr/sbin/${t/tables/tables-nft}"
+  ln -sf /usr/sbin/xtables-legacy-multi "$ROOT/usr/sbin/${t/tables/tables-legacy}"
 done
+ln -sf flanneld "$ROOT/opt/bin/mk-docker-opts.sh"
 ln -sf /usr/sbin/nft "$ROOT/sbin/nft" 2>/dev/null || true
 printf 'root:x:0:0:root:/root:/bin/sh\n' >"$ROOT/etc/passwd"
 cp /etc/protocols /etc/services "$ROOT/etc/" 2>/dev/null || true
 
-buildah bud --quiet --storage-driver vfs --isolation chroot -f deploy/Dockerfile -t "$TAG" "$ROOT" >/dev/null
+mkdir -p "$ROOT/etc/flannel-rs"
+{ echo "flannel-rs image root assembled by scripts/build-image.sh"
+  echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  echo "flanneld: $("$BIN" --version)"
+  echo "iptables: $(iptables-legacy --version) / $(iptables-nft --version)"
+  echo "nft: $(nft --version)"
+} >"$ROOT/etc/flannel-rs/built-by-scripts-build-image.sh"
+
+# The context is the repository root; .containerignore lets only target/image-root in.
+buildah bud --quiet --storage-driver vfs --isolation chroot -f Containerfile -t "$TAG" . >/dev/null
 size=$(buildah --storage-driver vfs images --format '{{.Size}}' "$TAG" | head -n1)
 echo "build-image: $TAG built, size $size (flanneld alone: $(du -h "$BIN" | cut -f1))"
