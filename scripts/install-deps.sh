@@ -14,7 +14,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 need_pkgs=()
 for p in etcd-server etcd-client containernetworking-plugins iptables nftables iproute2 openssl iputils-ping protobuf-compiler libprotobuf-dev \
-         buildah busybox-static systemd \
+         buildah busybox-static systemd prometheus \
          curl procps kmod ca-certificates jq bc time; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
@@ -40,8 +40,10 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing ${need_pkgs[*]}"
   apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
 fi
-# The Debian etcd-server package starts a system etcd; the lab runs its own.
-if systemctl is-active --quiet etcd 2>/dev/null; then systemctl stop etcd || true; systemctl disable etcd >/dev/null 2>&1 || true; fi
+# The Debian etcd-server and prometheus packages start system services; the lab runs its own.
+for svc in etcd prometheus; do
+  if systemctl is-active --quiet "$svc" 2>/dev/null; then systemctl stop "$svc" || true; systemctl disable "$svc" >/dev/null 2>&1 || true; fi
+done
 
 if [ ! -x "$KUBE_APISERVER" ] || [ ! -x "$KUBECTL" ]; then
   mkdir -p "$KUBE_CACHE"

@@ -149,6 +149,8 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             provisional: PeerSet::default(),
             planes,
             warned: HashMap::new(),
+            refused: HashMap::new(),
+            pending_since: None,
             metrics: metrics.clone(),
             watched,
         };
@@ -218,7 +220,7 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
                 completed = true;
                 tracing::info!("dataplane ready: {} peers", r.peers.len());
                 release_freed_memory();
-                metrics.ready.set(1);
+                metrics.set_ready();
                 let m = manager.clone();
                 // Transient API errors are retried inside; what is left is a
                 // configuration error (RBAC), worth a loud line but not an exit:

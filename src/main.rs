@@ -120,12 +120,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     };
     if flags.healthz_port != 0 {
         let addr = std::net::SocketAddr::new(flags.healthz_ip, flags.healthz_port);
-        let listener = flannel::health::serve(addr, metrics.clone());
-        tokio::spawn(async move {
-            if let Err(e) = listener.await {
-                tracing::error!("{e:#}");
-            }
-        });
+        flannel::health::spawn(addr, metrics.clone())?;
     }
     let agent = async {
         if let Some(conf) = file_conf {

@@ -1,25 +1,17 @@
-//! Counters and gauges, rendered in Prometheus text format on /metrics.
+//! What an operator pages on, as Prometheus metrics (the `prometheus-client`
+//! crate): readiness, peers and refused peers by reason, event → kernel latency
+//! and reconcile duration histograms, netlink operations and errors by kind,
+//! firewall rewrites, store reconnects, lease renewals and expiry, build info.
+//! docs/metrics.md lists every series.
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    pub fn inc(&self) {
-        self.add(1)
-    }
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn set(&self, n: u64) {
-        self.0.store(n, Ordering::Relaxed);
-    }
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 /// Why the peer watch is not live right now (None: it is).
 #[derive(Debug, Default)]
@@ -38,26 +30,199 @@ impl StoreHealth {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabel {
+    pub scope: &'static str,
+}
+
+/// A netlink change: `op` set or delete, `kind` route, neighbour or fdb.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NetlinkLabels {
+    pub op: &'static str,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ToolLabel {
+    pub tool: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabel {
+    pub store: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    pub implementation: &'static str,
+}
+
+/// Reasons a peer is refused (label values of `flannel_peer_leases_refused`).
+pub const REFUSAL_REASONS: [&str; 5] = [
+    "invalid",
+    "conflict",
+    "duplicate",
+    "malformed",
+    "unroutable",
+];
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Latency buckets: 0.25 ms to ~8 s, doubling.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
 pub struct Metrics {
-    pub peers: Counter,
-    pub peers_refused: Counter,
-    pub reconciles: Counter,
-    /// Sum of reconcile durations in microseconds.
-    pub reconcile_micros: Counter,
-    pub netlink_ops: Counter,
-    pub netlink_errors: Counter,
-    pub watch_restarts: Counter,
+    registry: Registry,
+    /// Lease held and dataplane programmed.
+    programmed: std::sync::atomic::AtomicBool,
+    /// flannel_ready, set from [`Metrics::readiness`] at each scrape.
+    ready: Gauge,
+    pub peers: Gauge,
+    /// Peers refused now, by reason.
+    pub peers_refused: Family<ReasonLabel, Gauge>,
+    /// From a peer change arriving to the kernel holding it.
+    pub event_to_kernel: Histogram,
+    pub reconcile: HistogramFamily<ScopeLabel>,
+    pub netlink_ops: Family<NetlinkLabels, Counter>,
+    pub netlink_errors: Family<NetlinkLabels, Counter>,
+    pub firewall_writes: Family<ToolLabel, Counter>,
+    pub firewall_errors: Family<ToolLabel, Counter>,
+    pub store_reconnects: Counter,
     pub lease_renewals: Counter,
-    pub ready: Counter,
+    /// Unix time our lease expires (etcd only: kube leases do not expire).
+    pub lease_expiry: Family<StoreLabel, Gauge<f64, AtomicU64>>,
     pub store: StoreHealth,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
+    pub fn new() -> Metrics {
+        let mut r = Registry::default();
+        let m = Metrics {
+            programmed: Default::default(),
+            ready: Gauge::default(),
+            peers: Gauge::default(),
+            peers_refused: Family::default(),
+            event_to_kernel: latency_histogram(),
+            reconcile: Family::new_with_constructor(latency_histogram),
+            netlink_ops: Family::default(),
+            netlink_errors: Family::default(),
+            firewall_writes: Family::default(),
+            firewall_errors: Family::default(),
+            store_reconnects: Counter::default(),
+            lease_renewals: Counter::default(),
+            lease_expiry: Family::default(),
+            store: StoreHealth::default(),
+            registry: Registry::default(),
+        };
+        let build: Family<BuildLabels, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                implementation: "flannel-rs",
+            })
+            .set(1);
+        r.register(
+            "flannel_build_info",
+            "Always 1; the labels name the build",
+            build,
+        );
+        r.register(
+            "flannel_ready",
+            "1 when the lease is held, the dataplane programmed and the peer watch live (what /readyz says)",
+            m.ready.clone(),
+        );
+        r.register(
+            "flannel_peer_leases",
+            "Peer leases accepted and programmed",
+            m.peers.clone(),
+        );
+        r.register(
+            "flannel_peer_leases_refused",
+            "Peers refused now, by reason: invalid, conflict, duplicate, malformed (unreadable annotations or value), unroutable (the backend cannot serve it)",
+            m.peers_refused.clone(),
+        );
+        for reason in REFUSAL_REASONS {
+            m.peers_refused
+                .get_or_create(&ReasonLabel { reason })
+                .set(0);
+        }
+        r.register(
+            "flannel_event_to_kernel_seconds",
+            "From a peer change arriving from the store to the kernel holding it",
+            m.event_to_kernel.clone(),
+        );
+        r.register(
+            "flannel_reconcile_duration_seconds",
+            "Reconcile passes: incremental (changed peers only) or full (kernel dump and diff)",
+            m.reconcile.clone(),
+        );
+        r.register(
+            "flannel_netlink_operations",
+            "Netlink changes sent, by op (set, delete) and kind (route, neighbour, fdb)",
+            m.netlink_ops.clone(),
+        );
+        r.register(
+            "flannel_netlink_errors",
+            "Netlink changes the kernel refused, by op and kind",
+            m.netlink_errors.clone(),
+        );
+        r.register(
+            "flannel_firewall_writes",
+            "Masquerade/forward rule sets written (first install and every repair), by tool",
+            m.firewall_writes.clone(),
+        );
+        r.register(
+            "flannel_firewall_errors",
+            "Failed checks or writes of the masquerade/forward rules, by tool",
+            m.firewall_errors.clone(),
+        );
+        r.register(
+            "flannel_store_reconnects",
+            "Times the connection to the store (API server or etcd) broke and the peer watch was re-established",
+            m.store_reconnects.clone(),
+        );
+        r.register(
+            "flannel_lease_renewals",
+            "Own lease renewals (etcd)",
+            m.lease_renewals.clone(),
+        );
+        r.register(
+            "flannel_lease_expiry_timestamp_seconds",
+            "Unix time at which the own lease expires unless renewed (etcd; minus time() is the time left)",
+            m.lease_expiry.clone(),
+        );
+        // Every label set exists from the start (at 0), so rate() and alerts work
+        // before the first error.
+        for op in ["set", "delete"] {
+            for kind in ["route", "neighbour", "fdb"] {
+                let _ = m.netlink_ops.get_or_create(&NetlinkLabels { op, kind });
+                let _ = m.netlink_errors.get_or_create(&NetlinkLabels { op, kind });
+            }
+        }
+        for scope in ["incremental", "full"] {
+            let _ = m.reconcile.get_or_create(&ScopeLabel { scope });
+        }
+        Metrics { registry: r, ..m }
+    }
+
     /// /readyz: Ok when the lease is held, the dataplane programmed and the
     /// peer watch live; otherwise the reason.
     pub fn readiness(&self) -> Result<(), String> {
-        if self.ready.get() != 1 {
+        if !self.programmed.load(std::sync::atomic::Ordering::Relaxed) {
             return Err("lease or dataplane pending".into());
         }
         match self.store.broken() {
@@ -65,70 +230,88 @@ impl Metrics {
             None => Ok(()),
         }
     }
-}
 
-impl Metrics {
-    pub fn render(&self) -> String {
+    /// Marks the agent ready (lease held, dataplane programmed).
+    pub fn set_ready(&self) {
+        self.programmed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The exposition in OpenMetrics text (what Prometheus asks for).
+    pub fn render_openmetrics(&self) -> String {
+        self.ready.set(i64::from(self.readiness().is_ok()));
         let mut s = String::new();
-        let mut one = |name: &str, kind: &str, help: &str, v: String| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        };
-        one(
-            "flannel_peer_leases",
-            "gauge",
-            "Peer leases programmed into the dataplane.",
-            self.peers.get().to_string(),
-        );
-        one(
-            "flannel_peer_leases_refused",
-            "gauge",
-            "Peer leases refused as invalid or conflicting.",
-            self.peers_refused.get().to_string(),
-        );
-        one(
-            "flannel_reconcile_total",
-            "counter",
-            "Reconcile passes run.",
-            self.reconciles.get().to_string(),
-        );
-        one(
-            "flannel_reconcile_duration_seconds_total",
-            "counter",
-            "Time spent in reconcile passes.",
-            format!("{:.6}", self.reconcile_micros.get() as f64 / 1e6),
-        );
-        one(
-            "flannel_netlink_operations_total",
-            "counter",
-            "Netlink change requests sent.",
-            self.netlink_ops.get().to_string(),
-        );
-        one(
-            "flannel_netlink_errors_total",
-            "counter",
-            "Netlink change requests that failed.",
-            self.netlink_errors.get().to_string(),
-        );
-        one(
-            "flannel_watch_restarts_total",
-            "counter",
-            "Times the connection to the store (API server or etcd) broke and the peer watch was re-established.",
-            self.watch_restarts.get().to_string(),
-        );
-        one(
-            "flannel_lease_renewals_total",
-            "counter",
-            "Own lease renewals.",
-            self.lease_renewals.get().to_string(),
-        );
-        one(
-            "flannel_ready",
-            "gauge",
-            "1 when the lease is held, the dataplane programmed and the peer watch live.",
-            u64::from(self.readiness().is_ok()).to_string(),
-        );
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
         s
     }
+
+    /// The exposition in Prometheus' classic text format 0.0.4 (curl, promtool,
+    /// older scrapers): as OpenMetrics, but a counter's HELP and TYPE name its
+    /// `_total` samples, and there is no `# EOF`.
+    pub fn render(&self) -> String {
+        to_text_format(&self.render_openmetrics())
+    }
+
+    /// Counts one apply: requests by op and kind, and the failed ones.
+    pub fn count_netlink(&self, report: &crate::dataplane::netlink::ApplyReport) {
+        let labels = |op: &'static str| {
+            let (op, kind) = op.split_once(' ').unwrap_or((op, "other"));
+            NetlinkLabels { op, kind }
+        };
+        for (op, n) in &report.sent {
+            self.netlink_ops.get_or_create(&labels(op)).inc_by(*n);
+        }
+        for e in &report.failed {
+            self.netlink_errors.get_or_create(&labels(e.op)).inc();
+        }
+    }
+
+    pub fn observe_reconcile(&self, full: bool, took: Duration) {
+        let scope = if full { "full" } else { "incremental" };
+        self.reconcile
+            .get_or_create(&ScopeLabel { scope })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Sets the refused-peer gauges from the current refusals' reasons.
+    pub fn set_refused<'a>(&self, reasons: impl Iterator<Item = &'a &'static str>) {
+        let mut counts = [0i64; REFUSAL_REASONS.len()];
+        for r in reasons {
+            if let Some(i) = REFUSAL_REASONS.iter().position(|x| x == r) {
+                counts[i] += 1;
+            }
+        }
+        for (reason, n) in REFUSAL_REASONS.iter().zip(counts) {
+            self.peers_refused
+                .get_or_create(&ReasonLabel { reason })
+                .set(n);
+        }
+    }
+}
+
+/// OpenMetrics text → Prometheus text format 0.0.4 (for what this registry holds).
+pub fn to_text_format(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for l in openmetrics.lines() {
+        if l == "# EOF" || l.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = l.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(l));
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -136,14 +319,64 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_prometheus_text() {
+    fn renders_every_family_with_labels() {
         let m = Metrics::default();
         m.peers.set(3);
-        m.netlink_ops.add(9);
-        m.reconcile_micros.add(1_500_000);
+        m.netlink_ops
+            .get_or_create(&NetlinkLabels {
+                op: "set",
+                kind: "fdb",
+            })
+            .inc_by(9);
+        m.event_to_kernel.observe(0.003);
+        m.observe_reconcile(false, Duration::from_millis(2));
+        m.set_refused(["conflict", "conflict", "malformed"].iter());
         let t = m.render();
-        assert!(t.contains("# TYPE flannel_peer_leases gauge\nflannel_peer_leases 3\n"));
-        assert!(t.contains("flannel_netlink_operations_total 9\n"));
-        assert!(t.contains("flannel_reconcile_duration_seconds_total 1.500000\n"));
+        assert!(t.contains("\nflannel_peer_leases 3\n"), "{t}");
+        assert!(
+            t.contains("flannel_netlink_operations_total{op=\"set\",kind=\"fdb\"} 9\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("flannel_event_to_kernel_seconds_bucket{le=\"0.004\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("flannel_event_to_kernel_seconds_count 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("flannel_reconcile_duration_seconds_count{scope=\"incremental\"} 1\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("flannel_peer_leases_refused{reason=\"conflict\"} 2\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("flannel_peer_leases_refused{reason=\"invalid\"} 0\n"),
+            "{t}"
+        );
+        assert!(t.contains("flannel_build_info{version=\""), "{t}");
+        assert!(
+            t.contains("# TYPE flannel_netlink_operations_total counter\n"),
+            "{t}"
+        );
+        assert!(!t.contains("# EOF"));
+        let om = m.render_openmetrics();
+        assert!(
+            om.contains("# TYPE flannel_netlink_operations counter\n") && om.ends_with("# EOF\n")
+        );
+    }
+
+    #[test]
+    fn ready_follows_the_watch() {
+        let m = Metrics::default();
+        assert!(m.render().contains("\nflannel_ready 0\n"));
+        m.set_ready();
+        assert!(m.render().contains("\nflannel_ready 1\n"));
+        m.store.down("connection refused");
+        assert!(m.render().contains("\nflannel_ready 0\n"));
+        assert!(m.readiness().unwrap_err().contains("connection refused"));
     }
 }

@@ -64,10 +64,8 @@ fn until_reached(t: &Two, since: Instant, what: &str) -> Duration {
 fn ops(lab: &Lab, node: u32, ip: &str) -> u64 {
     let m = lab.http_get(&format!("http://{ip}:8471/metrics"));
     let _ = node;
-    m.lines()
-        .find_map(|l| l.strip_prefix("flannel_netlink_operations_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no netlink op count in {m}"))
+    metric_sum(&m, "flannel_netlink_operations_total")
+        .unwrap_or_else(|| panic!("no netlink op count in {m}")) as u64
 }
 
 fn sh(lab: &Lab, ns: &str, cmd: &str) {

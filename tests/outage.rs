@@ -20,10 +20,7 @@ fn readyz(lab: &Lab, node: u32) -> String {
 
 fn metric(lab: &Lab, node: u32, name: &str) -> u64 {
     let m = lab.http_get(&format!("http://198.18.0.{}:8471/metrics", 10 + node));
-    m.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in {m}"))
+    metric_sum(&m, name).unwrap_or_else(|| panic!("no {name} in {m}")) as u64
 }
 
 fn lost_pings(child: std::process::Child) -> (u32, u32) {
@@ -57,16 +54,16 @@ fn kube_apiserver_killed_and_restarted() {
     let p2 = lab.add_pod(2, "p2");
     assert!(lab.ping("p1", &p2, 2, "0.2"));
     wait_until(Duration::from_secs(10), "node1 ready", || {
-        readyz(&lab, 1) == "ready"
+        readyz(&lab, 1) == "flanneld is ready"
     });
-    let restarts_before = metric(&lab, 1, "flannel_watch_restarts_total");
+    let restarts_before = metric(&lab, 1, "flannel_store_reconnects_total");
 
     // Pods talk across the whole outage.
     let pinger = lab.ping_bg("p1", &p2, 400, "0.05");
     std::thread::sleep(Duration::from_millis(500));
     lab.sh("stop", &["apiserver", "KILL"]);
     wait_until(Duration::from_secs(10), "node1 not ready", || {
-        readyz(&lab, 1).starts_with("not ready: peer watch broken")
+        readyz(&lab, 1).starts_with("flanneld is not ready yet: peer watch broken")
     });
     // During the outage: a node's agent starts (it waits for the API), and
     // node4's agent goes away for good.
@@ -104,7 +101,7 @@ fn kube_apiserver_killed_and_restarted() {
         "took {took:?} after the API server answered"
     );
     wait_until(AFTER_OUTAGE, "node1 ready again", || {
-        readyz(&lab, 1) == "ready"
+        readyz(&lab, 1) == "flanneld is ready"
     });
 
     let (sent, got) = lost_pings(pinger);
@@ -115,7 +112,7 @@ fn kube_apiserver_killed_and_restarted() {
     for n in [1, 2, 3] {
         assert!(alive(&lab, n), "node{n}'s agent exited");
     }
-    assert!(metric(&lab, 1, "flannel_watch_restarts_total") > restarts_before);
+    assert!(metric(&lab, 1, "flannel_store_reconnects_total") > restarts_before);
     let log = lab.flannel_log(1);
     assert!(log.contains("watching nodes"), "{log}");
     assert!(
@@ -170,7 +167,7 @@ fn etcd_killed_across_a_renewal_then_compacted() {
     std::thread::sleep(Duration::from_millis(500));
     lab.sh("stop", &["etcd", "KILL"]);
     wait_until(Duration::from_secs(15), "node1 not ready", || {
-        readyz(&lab, 1).starts_with("not ready: peer watch broken")
+        readyz(&lab, 1).starts_with("flanneld is not ready yet: peer watch broken")
     });
     lab.sh("node-add", &["3"]);
     lab.start_flannel_env(3, &ttl, &HEALTH);
@@ -188,7 +185,7 @@ fn etcd_killed_across_a_renewal_then_compacted() {
     eprintln!("after etcd answered: node3 in every kernel in {took:?}");
     assert!(took <= AFTER_OUTAGE, "took {took:?} after etcd answered");
     wait_until(AFTER_OUTAGE, "node1 ready again", || {
-        readyz(&lab, 1) == "ready"
+        readyz(&lab, 1) == "flanneld is ready"
     });
     let (sent, got) = lost_pings(pinger);
     assert_eq!(sent, got, "pings lost across the etcd outage");

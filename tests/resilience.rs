@@ -290,13 +290,14 @@ fn healthz_metrics_and_sigterm() {
     };
     assert_eq!(get("/healthz"), "flanneld is running");
     wait_until(Duration::from_secs(10), "readiness", || {
-        get("/readyz") == "ready"
+        get("/readyz") == "flanneld is ready"
     });
     let metrics = get("/metrics");
     assert!(metrics.contains("\nflannel_peer_leases 1\n"), "{metrics}");
     assert!(metrics.contains("\nflannel_ready 1\n"), "{metrics}");
     assert!(
-        metrics.contains("# TYPE flannel_netlink_operations_total counter"),
+        metrics.contains("# TYPE flannel_netlink_operations counter")
+            && metric_sum(&metrics, "flannel_netlink_operations_total").unwrap_or(0.0) >= 3.0,
         "{metrics}"
     );
     // Another node joins: the gauge follows the real peer count.
@@ -439,10 +440,8 @@ fn one_changed_peer_among_thousands_costs_its_own_entries() {
     });
     let ops = || -> u64 {
         let m = lab.http_get("http://198.18.0.11:8471/metrics");
-        m.lines()
-            .find_map(|l| l.strip_prefix("flannel_netlink_operations_total "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no op count in {m}"))
+        metric_sum(&m, "flannel_netlink_operations_total")
+            .unwrap_or_else(|| panic!("no op count in {m}")) as u64
     };
     // Settled: the count no longer moves.
     let mut before = ops();

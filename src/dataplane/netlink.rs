@@ -168,6 +168,8 @@ pub struct Scope {
 pub struct ApplyReport {
     pub done: usize,
     pub failed: Vec<NetlinkError>,
+    /// Requests sent, by operation ("set route", "delete fdb", ...).
+    pub sent: std::collections::BTreeMap<&'static str, u64>,
 }
 
 #[derive(Clone)]
@@ -712,6 +714,7 @@ impl Netlink {
                 .await;
             for (r, op, target) in results {
                 report.done += 1;
+                *report.sent.entry(op).or_default() += 1;
                 if let Err(source) = r {
                     let e = NetlinkError { op, target, source };
                     // Deleting what is already gone is success.

@@ -227,18 +227,27 @@ pub async fn keep<F: Firewall>(
 ) {
     let mut first = true;
     let mut tick = tokio::time::interval(resync);
+    let tool = crate::metrics::ToolLabel { tool: fw.name() };
+    let _ = metrics.firewall_writes.get_or_create(&tool);
+    let _ = metrics.firewall_errors.get_or_create(&tool);
     loop {
         tick.tick().await;
         let fam = if want.v6 { "IPv6" } else { "IPv4" };
         match fw.ensure(&want).await {
-            Ok(true) if first => tracing::info!("{} {fam} rules installed", fw.name()),
-            Ok(true) => tracing::warn!(
-                "{} {fam} rules were missing or changed; restored",
-                fw.name()
-            ),
+            Ok(true) => {
+                metrics.firewall_writes.get_or_create(&tool).inc();
+                if first {
+                    tracing::info!("{} {fam} rules installed", fw.name())
+                } else {
+                    tracing::warn!(
+                        "{} {fam} rules were missing or changed; restored",
+                        fw.name()
+                    )
+                }
+            }
             Ok(false) => {}
             Err(e) => {
-                metrics.netlink_errors.inc();
+                metrics.firewall_errors.get_or_create(&tool).inc();
                 tracing::error!("{} {fam} rules: {e:#}", fw.name());
             }
         }

@@ -494,6 +494,18 @@ impl EtcdManager {
         claim(v4, v6).await
     }
 
+    /// flannel_lease_expiry_timestamp_seconds: a lease just granted or renewed
+    /// lives one TTL from now.
+    fn note_expiry(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.metrics
+            .lease_expiry
+            .get_or_create(&crate::metrics::StoreLabel { store: "etcd" })
+            .set((now + self.s.lease_ttl).as_secs_f64());
+    }
+
     fn own(&self) -> Option<Own> {
         self.own.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -723,7 +735,7 @@ impl SubnetManager for EtcdManager {
                 WatchEnd::Closed => return,
                 WatchEnd::Compacted(rev) => {
                     // Our revision is gone: re-read now (one read per compaction), never wait.
-                    self.metrics.watch_restarts.inc();
+                    self.metrics.store_reconnects.inc();
                     tracing::warn!(
                         "etcd compacted the watched revisions (at {rev}); re-reading now"
                     );
@@ -734,7 +746,7 @@ impl SubnetManager for EtcdManager {
                     );
                 }
                 WatchEnd::Broke(why) => {
-                    self.metrics.watch_restarts.inc();
+                    self.metrics.store_reconnects.inc();
                     self.metrics.store.down(why.clone());
                     let d = backoff.next_delay();
                     log.fail(&format_args!("{why}; re-reading in {d:.1?}"));
@@ -781,6 +793,9 @@ impl SubnetManager for EtcdManager {
     /// address and subnet.env all change with it).
     async fn keep_alive(&self, _own: &Lease, first: &LeaseRequest) -> anyhow::Error {
         let every = renew_interval(self.s.lease_ttl, self.s.renew_margin);
+        if self.own().is_some_and(|o| o.lease_id != 0) {
+            self.note_expiry();
+        }
         loop {
             let check = tokio::select! {
                 _ = tokio::time::sleep(every) => false,
@@ -800,11 +815,15 @@ impl SubnetManager for EtcdManager {
                 .unwrap_or_else(|| first.clone());
             match self.keep(&own, &req, check).await {
                 Keep::Kept(o) => {
+                    let held = o.lease_id != 0;
                     if o.lease_id == own.lease_id {
                         self.metrics.lease_renewals.inc();
                         tracing::info!("renewed lease {} (etcd lease {:x})", o.key, o.lease_id);
                     }
                     *self.own.lock().unwrap_or_else(|e| e.into_inner()) = Some(o);
+                    if held {
+                        self.note_expiry();
+                    }
                 }
                 Keep::Taken(why) => {
                     return anyhow::anyhow!(

@@ -639,7 +639,7 @@ impl SubnetManager for KubeManager {
             let Some(e) = ended else {
                 return; // the reconciler is gone
             };
-            self.metrics.watch_restarts.inc();
+            self.metrics.store_reconnects.inc();
             let (gone, why) = watch_error(&e);
             self.metrics.store.down(why.clone());
             if gone {

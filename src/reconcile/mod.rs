@@ -20,7 +20,7 @@ use crate::config::netconf::NetConf;
 use crate::dataplane::model::{diff, Diff, PeerChange, PeerEntries, State, Tracker};
 use crate::dataplane::netlink::{deviates, Devices, Netlink, Scope};
 use crate::iface::{self, ExternalInterface};
-use crate::lease::{Lease, Outcome, PeerSet};
+use crate::lease::{Lease, Outcome, PeerSet, Refusal};
 use crate::manager::{LeaseEvent, LeaseRequest, PeerRead};
 use crate::metrics::Metrics;
 
@@ -115,6 +115,10 @@ pub struct Reconciler<B> {
     pub provisional: PeerSet,
     pub planes: Vec<Plane>,
     pub warned: HashMap<String, String>,
+    /// Peers refused now, (name, IPv6?) → reason (flannel_peer_leases_refused).
+    pub refused: HashMap<(String, bool), &'static str>,
+    /// When the oldest change not yet in the kernel arrived.
+    pub pending_since: Option<Instant>,
     pub metrics: Arc<Metrics>,
     pub watched: Arc<std::sync::RwLock<Watched>>,
 }
@@ -122,6 +126,12 @@ pub struct Reconciler<B> {
 impl<B: Backend> Reconciler<B> {
     fn note(&mut self, out: Outcome) -> bool {
         for (name, why) in out.refused {
+            let reason = match why {
+                Refusal::Invalid(_) => "invalid",
+                Refusal::Conflict { .. } => "conflict",
+                Refusal::Duplicate(_) => "duplicate",
+            };
+            self.refused.insert((name.clone(), false), reason);
             let why = why.to_string();
             if self.warned.get(&name) != Some(&why) {
                 tracing::warn!("skipping peer {name}: {why}");
@@ -146,6 +156,7 @@ impl<B: Backend> Reconciler<B> {
                 self.note(out)
             }
             Err(why) => {
+                self.refused.insert((name.clone(), false), "malformed");
                 if self.warned.get(&name) != Some(&why) {
                     tracing::warn!("skipping peer {name}: {why}");
                     self.warned.insert(name.clone(), why);
@@ -156,7 +167,18 @@ impl<B: Backend> Reconciler<B> {
         }
     }
 
+    /// Takes in one change from the store; true if the accepted peers changed.
     pub fn handle(&mut self, ev: LeaseEvent) -> bool {
+        let changed = self.take(ev);
+        if changed {
+            self.pending_since.get_or_insert_with(Instant::now);
+        }
+        // A refusal changes no accepted peer, so it is published here (O(refused)).
+        self.publish_refused();
+        changed
+    }
+
+    fn take(&mut self, ev: LeaseEvent) -> bool {
         match ev {
             LeaseEvent::Upsert(name, read) => self.upsert(name, read),
             LeaseEvent::Remove(name) => {
@@ -231,8 +253,7 @@ impl<B: Backend> Reconciler<B> {
                 continue;
             }
             let report = self.nl.apply(&add, devices).await;
-            self.metrics.netlink_ops.add(report.done as u64);
-            self.metrics.netlink_errors.add(report.failed.len() as u64);
+            self.metrics.count_netlink(&report);
             seen.absorb(&add);
             tracing::debug!(
                 "programmed {} entries for {} peers ahead of the complete list ({} failed)",
@@ -332,12 +353,26 @@ impl<B: Backend> Reconciler<B> {
                 self.scoped_plane(i, &touched, started).await
             };
         }
-        self.metrics.peers.set(self.peers.len() as u64);
-        self.metrics.reconciles.inc();
-        self.metrics
-            .reconcile_micros
-            .add(started.elapsed().as_micros() as u64);
+        self.metrics.peers.set(self.peers.len() as i64);
+        self.metrics.observe_reconcile(full, started.elapsed());
+        if ok {
+            if let Some(since) = self.pending_since.take() {
+                self.metrics
+                    .event_to_kernel
+                    .observe(since.elapsed().as_secs_f64());
+            }
+        }
+        self.publish_refused();
         ok
+    }
+
+    /// Refusals still standing: a refused lease until its peer is accepted or
+    /// gone, a peer the backend cannot serve while it is accepted.
+    fn publish_refused(&mut self) {
+        let accepted = self.peers.accepted();
+        self.refused
+            .retain(|(name, _), reason| (*reason == "unroutable") == accepted.contains_key(name));
+        self.metrics.set_refused(self.refused.values());
     }
 
     /// One peer's entries in one family; a peer the backend cannot serve is
@@ -345,8 +380,12 @@ impl<B: Backend> Reconciler<B> {
     fn peer_entries(&mut self, name: &str, v6: bool) -> Option<PeerEntries> {
         let lease = self.peers.accepted().get(name)?;
         match self.backend.entries(&self.ext, lease, v6) {
-            Ok(e) => e,
+            Ok(e) => {
+                self.refused.remove(&(name.to_string(), v6));
+                e
+            }
             Err(why) => {
+                self.refused.insert((name.to_string(), v6), "unroutable");
                 let key = if v6 {
                     format!("{name} (IPv6)")
                 } else {
@@ -457,8 +496,7 @@ impl<B: Backend> Reconciler<B> {
         }
         tracing::debug!("diff (full={full}): {d:?}");
         let report = self.nl.apply(d, devices).await;
-        self.metrics.netlink_ops.add(report.done as u64);
-        self.metrics.netlink_errors.add(report.failed.len() as u64);
+        self.metrics.count_netlink(&report);
         for e in report.failed.iter().take(5) {
             tracing::warn!("{e}");
         }

@@ -394,3 +394,22 @@ impl Lab {
         t.join().unwrap_or_default()
     }
 }
+
+/// The sum of every sample of `name` (any labels) in a /metrics text; None if absent.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for l in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = l.strip_prefix(name) else {
+            continue;
+        };
+        let value = if rest.starts_with('{') {
+            rest.split_once("} ").map(|(_, v)| v)
+        } else {
+            rest.strip_prefix(' ')
+        };
+        if let Some(v) = value.and_then(|v| v.trim().parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
