@@ -109,7 +109,7 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_IP_MASQ", default_value = "false", num_args = 0..=1,
           require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub ip_masq: bool,
-    /// do not add --random-fully (nftables: fully-random) to the MASQUERADE rules (upstream v0.27.4+)
+    /// masquerade without random-fully source ports (upstream v0.27.4+)
     #[arg(long, env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", default_value = "false", num_args = 0..=1,
           require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub ip_masq_fully_random_disable: bool,
