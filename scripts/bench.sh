@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Cluster-scale benchmark of flannel-rs in the lab (root). Prints figures; asserts nothing.
-#   N=5000 MODE=kube bash scripts/bench.sh      (MODE=etcd for the etcd manager)
+#   N=5000 MODE=kube bash scripts/bench.sh      (MODE=etcd for the etcd manager; FLANNEL_ARGS="..." adds flags)
 # N peers are created in the real kube-apiserver (or etcd) as running flanneld agents
 # write them (Network 10.128.0.0/9, /24 subnets, public IPs in 198.19.0.0/16 that are
 # never contacted), then one flanneld starts on node1 and we report:
@@ -37,7 +37,7 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 
 t0=$(date +%s.%N)
-pid=$(L flannel-start $LAB 1)
+pid=$(L flannel-start $LAB 1 ${FLANNEL_ARGS:-})  # FLANNEL_ARGS: extra flags, e.g. "--healthz-port=8471 --ip-masq"
 end=$((SECONDS + 180))
 until [ "$(count route show dev flannel.1)" -ge "$N" ] && [ "$(count neigh show dev flannel.1)" -ge "$N" ] \
       && [ "$(ip netns exec "$NS" bridge fdb show dev flannel.1 | grep -c self)" -ge "$N" ]; do
