@@ -296,7 +296,7 @@ fn healthz_metrics_and_sigterm() {
     assert!(metrics.contains("\nflannel_peer_leases 1\n"), "{metrics}");
     assert!(metrics.contains("\nflannel_ready 1\n"), "{metrics}");
     assert!(
-        metrics.contains("# TYPE flannel_netlink_operations counter")
+        metrics.contains("# TYPE flannel_netlink_operations_total counter")
             && metric_sum(&metrics, "flannel_netlink_operations_total").unwrap_or(0.0) >= 3.0,
         "{metrics}"
     );
