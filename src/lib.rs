@@ -17,6 +17,7 @@ pub mod iface;
 pub mod lease;
 pub mod manager;
 pub mod metrics;
+pub mod policy;
 pub mod reconcile;
 pub mod retry;
 pub mod subnet;

@@ -105,6 +105,12 @@ async fn shutdown_signal() -> anyhow::Result<&'static str> {
 }
 
 async fn run(flags: Flags) -> anyhow::Result<()> {
+    if flags.network_policy && !flags.kube_subnet_mgr {
+        anyhow::bail!("--network-policy needs --kube-subnet-mgr (policies, pods and namespaces come from the API server)");
+    }
+    if flags.network_policy && !flags.ip_masq {
+        tracing::warn!("--network-policy without --ip-masq: the CNI bridge plugin then masquerades pod traffic between nodes, so policies see node addresses, not pods'; use --ip-masq (as kube-flannel.yml does)");
+    }
     if flags.use_multi_cluster_cidr {
         tracing::warn!("--use-multi-cluster-cidr is not supported (the API was removed from Kubernetes); ignoring it");
     }
@@ -133,6 +139,10 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             };
             let manager = Arc::new(KubeManager::new(settings, metrics.clone()).await?);
             tracing::info!("kube subnet manager for node {}", manager.node_name());
+            if flags.network_policy {
+                let (client, node) = (manager.client(), manager.node_name().to_string());
+                tokio::spawn(flannel::policy::run(client, node, metrics.clone()));
+            }
             let depth = manager.queue_depth();
             run_agent(&flags, conf, manager, &metrics, depth).await
         } else {

@@ -99,6 +99,10 @@ pub struct Metrics {
     pub lease_renewals: Counter,
     /// Unix time our lease expires (etcd only: kube leases do not expire).
     pub lease_expiry: Family<StoreLabel, Gauge<f64, AtomicU64>>,
+    /// From a pod/namespace/policy change arriving to the policy table holding it.
+    pub policy_latency: Histogram,
+    /// nft objects in the policy table (sets, elements, chains, rules, map entries).
+    pub policy_objects: Gauge,
     pub store: StoreHealth,
 }
 
@@ -125,6 +129,8 @@ impl Metrics {
             store_reconnects: Counter::default(),
             lease_renewals: Counter::default(),
             lease_expiry: Family::default(),
+            policy_latency: latency_histogram(),
+            policy_objects: Gauge::default(),
             store: StoreHealth::default(),
             registry: Registry::default(),
         };
@@ -204,6 +210,16 @@ impl Metrics {
             "flannel_lease_expiry_timestamp_seconds",
             "Unix time at which the own lease expires unless renewed (etcd; minus time() is the time left)",
             m.lease_expiry.clone(),
+        );
+        r.register(
+            "flannel_policy_enforce_seconds",
+            "From a pod, namespace or NetworkPolicy change arriving to the policy table holding it (--network-policy)",
+            m.policy_latency.clone(),
+        );
+        r.register(
+            "flannel_policy_nft_objects",
+            "Objects in the policy table: sets, set elements, chains, rules, map entries (--network-policy)",
+            m.policy_objects.clone(),
         );
         // Every label set exists from the start (at 0), so rate() and alerts work
         // before the first error.

@@ -121,6 +121,10 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_IPTABLES_MODE", default_value = "auto",
           value_parser = ["auto", "legacy", "nft"])]
     pub iptables_mode: String,
+    /// enforce Kubernetes NetworkPolicy for this node's pods with nftables (kube mode; flannel-rs)
+    #[arg(long, env = "FLANNELD_NETWORK_POLICY", default_value = "false", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
+    pub network_policy: bool,
     /// contact the Kubernetes API for subnet assignment instead of etcd
     #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", default_value = "false", num_args = 0..=1,
           require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
@@ -551,6 +555,7 @@ mod tests {
             "--ip-blackhole-route",
             "--ip-masq-fully-random-disable",
             "--iptables-mode",
+            "--network-policy",
             "-v",
         ] {
             assert!(help.contains(flag), "help misses {flag}");

@@ -12,7 +12,7 @@ use ipnetwork::IpNetwork;
 pub mod detect;
 pub mod iptables;
 pub mod nftables;
-mod run;
+pub(crate) mod run;
 
 pub const MASQ_COMMENT: &str = "flanneld masq";
 pub const FWD_COMMENT: &str = "flanneld forward";

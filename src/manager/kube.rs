@@ -257,7 +257,8 @@ impl KubeManager {
         })
     }
 
-    fn client(&self) -> Client {
+    /// The current client (for the NetworkPolicy watches).
+    pub fn client(&self) -> Client {
         self.client
             .read()
             .unwrap_or_else(|e| e.into_inner())

@@ -1,0 +1,334 @@
+//! What the kernel must hold to enforce the policies for this node's pods, as
+//! plain data: named sets of peer addresses (one per distinct peer, shared by
+//! every rule that names it), one chain per direction per selected local pod
+//! (its policies' rules, inlined, so a named port resolves on that very pod),
+//! and the verdict maps that send a packet to its pod's chain. No I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use super::model::{Cluster, Peer, PodInfo, Policy, PortRef, PortSpec, Rule};
+
+/// A named set: its nft type and elements (as nft text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    pub kind: &'static str,
+    pub elems: BTreeSet<String>,
+}
+
+/// The verdict maps (IPv4/IPv6 × ingress/egress): pod address → its chain.
+pub const MAPS: [(&str, &str); 4] = [
+    ("in4", "ipv4_addr"),
+    ("in6", "ipv6_addr"),
+    ("eg4", "ipv4_addr"),
+    ("eg6", "ipv6_addr"),
+];
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub sets: BTreeMap<String, Set>,
+    /// Per-pod chains: name → rules.
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// Map name (see [`MAPS`]) → address → chain.
+    pub maps: BTreeMap<&'static str, BTreeMap<String, String>>,
+}
+
+impl Desired {
+    /// nft objects held: sets + set elements + chains + rules + map elements.
+    pub fn objects(&self) -> usize {
+        self.sets.values().map(|s| 1 + s.elems.len()).sum::<usize>()
+            + self.chains.values().map(|r| 1 + r.len()).sum::<usize>()
+            + self.maps.values().map(|m| m.len()).sum::<usize>()
+    }
+}
+
+/// A short stable name from anything hashable by its Debug text (FNV-1a, 64 bit).
+pub fn short_id(x: &impl std::fmt::Debug) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("{x:?}").bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Ingress,
+    Egress,
+}
+
+impl Dir {
+    /// The peer's side of the packet.
+    fn peer_field(self) -> &'static str {
+        match self {
+            Dir::Ingress => "saddr",
+            Dir::Egress => "daddr",
+        }
+    }
+}
+
+fn fam(v6: bool) -> &'static str {
+    if v6 {
+        "ip6"
+    } else {
+        "ip"
+    }
+}
+
+struct Builder<'a> {
+    cluster: &'a Cluster,
+    out: Desired,
+}
+
+impl Builder<'_> {
+    /// The two sets (IPv4, IPv6) of the addresses a pod peer picks; their names.
+    fn peer_sets(&mut self, peer: &Peer) -> [String; 2] {
+        let id = short_id(peer);
+        let names = [format!("p4-{id}"), format!("p6-{id}")];
+        if !self.out.sets.contains_key(&names[0]) {
+            let mut v4 = BTreeSet::new();
+            let mut v6 = BTreeSet::new();
+            for p in self.cluster.select(peer) {
+                for ip in &p.ips {
+                    if ip.is_ipv4() { &mut v4 } else { &mut v6 }.insert(ip.to_string());
+                }
+            }
+            self.out.sets.insert(
+                names[0].clone(),
+                Set {
+                    kind: "ipv4_addr",
+                    elems: v4,
+                },
+            );
+            self.out.sets.insert(
+                names[1].clone(),
+                Set {
+                    kind: "ipv6_addr",
+                    elems: v6,
+                },
+            );
+        }
+        names
+    }
+
+    /// Sets of (address . protocol . port) for a named port on the pods `peer`
+    /// picks (None: every pod) — egress, where the name resolves per destination.
+    fn named_sets(&mut self, peer: Option<&Peer>, spec: &PortSpec, name: &str) -> [String; 2] {
+        let id = short_id(&(peer, spec));
+        let names = [format!("n4-{id}"), format!("n6-{id}")];
+        if !self.out.sets.contains_key(&names[0]) {
+            let mut v4 = BTreeSet::new();
+            let mut v6 = BTreeSet::new();
+            let pods: Vec<&PodInfo> = match peer {
+                Some(p) => self.cluster.select(p).collect(),
+                None => self
+                    .cluster
+                    .pods
+                    .values()
+                    .filter(|p| !p.host_network)
+                    .collect(),
+            };
+            for p in pods {
+                let Some(port) = p.named_port(name, spec.proto) else {
+                    continue;
+                };
+                for ip in &p.ips {
+                    let e = format!("{ip} . {} . {port}", spec.proto.nft());
+                    if ip.is_ipv4() { &mut v4 } else { &mut v6 }.insert(e);
+                }
+            }
+            let k4 = "ipv4_addr . inet_proto . inet_service";
+            let k6 = "ipv6_addr . inet_proto . inet_service";
+            self.out.sets.insert(
+                names[0].clone(),
+                Set {
+                    kind: k4,
+                    elems: v4,
+                },
+            );
+            self.out.sets.insert(
+                names[1].clone(),
+                Set {
+                    kind: k6,
+                    elems: v6,
+                },
+            );
+        }
+        names
+    }
+
+    /// The peer conditions of a rule (an empty list: none can match).
+    fn peer_conds(&mut self, dir: Dir, rule: &Rule) -> Vec<String> {
+        if rule.peers.is_empty() {
+            return vec![String::new()];
+        }
+        let f = dir.peer_field();
+        let mut out = Vec::new();
+        for peer in &rule.peers {
+            match peer {
+                Peer::Pods { .. } => {
+                    let [s4, s6] = self.peer_sets(peer);
+                    out.push(format!("ip {f} @{s4}"));
+                    out.push(format!("ip6 {f} @{s6}"));
+                }
+                Peer::Block { cidr, except } => {
+                    let fa = fam(cidr.is_ipv6());
+                    let mut c = format!("{fa} {f} {cidr}");
+                    let ex: Vec<String> = except
+                        .iter()
+                        .filter(|e| e.is_ipv6() == cidr.is_ipv6())
+                        .map(|e| e.to_string())
+                        .collect();
+                    if !ex.is_empty() {
+                        c.push_str(&format!(" {fa} {f} != {{ {} }}", ex.join(", ")));
+                    }
+                    out.push(c);
+                }
+            }
+        }
+        out
+    }
+
+    /// The lines one rule contributes to `pod`'s chain, each ending in `return`
+    /// (allowed: back to the base chain, which checks the other direction).
+    fn rule_lines(&mut self, dir: Dir, rule: &Rule, pod: &PodInfo) -> Vec<String> {
+        let peers = self.peer_conds(dir, rule);
+        let mut lines = Vec::new();
+        let ports: Vec<Option<String>> = if rule.ports.is_empty() {
+            vec![Some(String::new())]
+        } else {
+            rule.ports
+                .iter()
+                .map(|spec| {
+                    let p = spec.proto.nft();
+                    match &spec.port {
+                        PortRef::Any => Some(format!("meta l4proto {p}")),
+                        PortRef::Num(n, None) => Some(format!("meta l4proto {p} th dport {n}")),
+                        PortRef::Num(n, Some(e)) => {
+                            Some(format!("meta l4proto {p} th dport {n}-{e}"))
+                        }
+                        // Ingress: the name resolves on the selected pod itself.
+                        PortRef::Name(name) if dir == Dir::Ingress => pod
+                            .named_port(name, spec.proto)
+                            .map(|n| format!("meta l4proto {p} th dport {n}")),
+                        PortRef::Name(_) => None,
+                    }
+                })
+                .collect()
+        };
+        for port in ports.iter().flatten() {
+            for peer in &peers {
+                lines.push(format!("{peer} {port} return").trim().replace("  ", " "));
+            }
+        }
+        // Egress named ports: (destination . protocol . port) per destination pod.
+        if dir == Dir::Egress {
+            for spec in &rule.ports {
+                let PortRef::Name(name) = &spec.port else {
+                    continue;
+                };
+                let pod_peers: Vec<Option<&Peer>> = if rule.peers.is_empty() {
+                    vec![None]
+                } else {
+                    // An ipBlock has no named ports: only pod peers can match.
+                    rule.peers
+                        .iter()
+                        .filter(|p| matches!(p, Peer::Pods { .. }))
+                        .map(Some)
+                        .collect()
+                };
+                for peer in pod_peers {
+                    let [s4, s6] = self.named_sets(peer, spec, name);
+                    lines.push(format!("ip daddr . meta l4proto . th dport @{s4} return"));
+                    lines.push(format!("ip6 daddr . meta l4proto . th dport @{s6} return"));
+                }
+            }
+        }
+        lines
+    }
+
+    fn pod_chain(&mut self, dir: Dir, pod: &PodInfo, policies: &[&Policy]) {
+        let (prefix, maps) = match dir {
+            Dir::Ingress => ("in", ["in4", "in6"]),
+            Dir::Egress => ("eg", ["eg4", "eg6"]),
+        };
+        let chain = format!("{prefix}-{}", short_id(&(&pod.ns, &pod.name)));
+        let mut rules = Vec::new();
+        for p in policies {
+            let list = match dir {
+                Dir::Ingress => p.ingress.as_ref(),
+                Dir::Egress => p.egress.as_ref(),
+            };
+            for r in list.into_iter().flatten() {
+                rules.extend(self.rule_lines(dir, r, pod));
+            }
+        }
+        let what = if dir == Dir::Ingress {
+            "ingress"
+        } else {
+            "egress"
+        };
+        rules.push(format!(
+            "counter drop comment \"{}/{} {what}\"",
+            pod.ns, pod.name
+        ));
+        self.out.chains.insert(chain.clone(), rules);
+        for ip in &pod.ips {
+            let m = maps[usize::from(ip.is_ipv6())];
+            self.out
+                .maps
+                .entry(m)
+                .or_default()
+                .insert(ip.to_string(), chain.clone());
+        }
+    }
+}
+
+/// The desired state for the pods on `node`.
+pub fn compile(cluster: &Cluster, node: &str) -> Desired {
+    let mut b = Builder {
+        cluster,
+        out: Desired::default(),
+    };
+    for (m, _) in MAPS {
+        b.out.maps.insert(m, BTreeMap::new());
+    }
+    let local: Vec<&PodInfo> = cluster
+        .pods
+        .values()
+        .filter(|p| p.node == node && !p.host_network && !p.ips.is_empty())
+        .collect();
+    for pod in local {
+        let selecting: Vec<&Policy> = cluster
+            .policies
+            .values()
+            .filter(|p| p.selects(pod))
+            .collect();
+        let ingress: Vec<&Policy> = selecting
+            .iter()
+            .copied()
+            .filter(|p| p.ingress.is_some())
+            .collect();
+        let egress: Vec<&Policy> = selecting
+            .iter()
+            .copied()
+            .filter(|p| p.egress.is_some())
+            .collect();
+        if !ingress.is_empty() {
+            b.pod_chain(Dir::Ingress, pod, &ingress);
+        }
+        if !egress.is_empty() {
+            b.pod_chain(Dir::Egress, pod, &egress);
+        }
+    }
+    b.out
+}
+
+/// The addresses of a desired map (for tests and debugging).
+pub fn mapped(d: &Desired, map: &str) -> BTreeSet<IpAddr> {
+    d.maps
+        .get(map)
+        .map(|m| m.keys().filter_map(|k| k.parse().ok()).collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,303 @@
+//! Compiling policies into nft state, and the transaction between two states.
+
+use std::collections::BTreeMap;
+
+use super::compile::{compile, mapped, Desired};
+use super::model::*;
+use super::nft;
+
+fn labels(kv: &[(&str, &str)]) -> Labels {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn pod(ns: &str, name: &str, node: &str, ip: &str, l: &[(&str, &str)]) -> PodInfo {
+    PodInfo {
+        ns: ns.into(),
+        name: name.into(),
+        node: node.into(),
+        ips: ip.split(',').map(|i| i.parse().unwrap()).collect(),
+        labels: labels(l),
+        host_network: false,
+        ports: vec![],
+    }
+}
+
+fn policy(ns: &str, name: &str, spec: serde_json::Value) -> Policy {
+    let np = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": ns}, "spec": spec
+    }))
+    .unwrap();
+    Policy::from_api(&np).unwrap()
+}
+
+fn cluster(pods: Vec<PodInfo>, policies: Vec<Policy>) -> Cluster {
+    let mut c = Cluster::default();
+    for p in pods {
+        c.namespaces
+            .entry(p.ns.clone())
+            .or_insert_with(|| labels(&[(NAME_LABEL, &p.ns)]));
+        c.pods.insert((p.ns.clone(), p.name.clone()), p);
+    }
+    for p in policies {
+        c.policies.insert((p.ns.clone(), p.name.clone()), p);
+    }
+    c
+}
+
+/// The chain a local pod's address is sent to, in one map.
+fn chain<'a>(d: &'a Desired, map: &str, ip: &str) -> Option<&'a Vec<String>> {
+    let c = d.maps.get(map)?.get(ip)?;
+    d.chains.get(c)
+}
+
+#[test]
+fn unselected_pods_get_no_chain_and_remote_pods_are_not_ours() {
+    let c = cluster(
+        vec![
+            pod("a", "web", "n1", "10.244.0.5", &[("app", "web")]),
+            pod("a", "db", "n1", "10.244.0.6", &[("app", "db")]),
+            pod("a", "web2", "n2", "10.244.1.5", &[("app", "web")]),
+        ],
+        vec![policy(
+            "a",
+            "deny-web",
+            serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}}),
+        )],
+    );
+    let d = compile(&c, "n1");
+    assert_eq!(mapped(&d, "in4"), ["10.244.0.5".parse().unwrap()].into());
+    assert!(
+        mapped(&d, "eg4").is_empty(),
+        "Ingress-only policy leaves egress alone"
+    );
+    assert_eq!(
+        chain(&d, "in4", "10.244.0.5").unwrap(),
+        &vec!["counter drop comment \"a/web ingress\"".to_string()],
+        "selected with no rules: deny all"
+    );
+}
+
+#[test]
+fn rules_union_over_policies_with_peer_sets_and_ports() {
+    let mut web = pod("a", "web", "n1", "10.244.0.5,fd00::5", &[("app", "web")]);
+    web.ports = vec![NamedPort {
+        name: "http".into(),
+        port: 8080,
+        proto: Proto::Tcp,
+    }];
+    let c = cluster(
+        vec![
+            web,
+            pod("a", "client", "n2", "10.244.1.7", &[("role", "client")]),
+            pod("b", "other", "n2", "10.244.1.8", &[("role", "client")]),
+        ],
+        vec![
+            policy(
+                "a",
+                "from-clients",
+                serde_json::json!({
+                    "podSelector": {"matchLabels": {"app": "web"}},
+                    "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}], "ports": [{"port": "http"}]}]
+                }),
+            ),
+            policy(
+                "a",
+                "from-block",
+                serde_json::json!({
+                    "podSelector": {},
+                    "ingress": [{"from": [{"ipBlock": {"cidr": "192.168.0.0/16", "except": ["192.168.1.0/24"]}}], "ports": [{"port": 53, "protocol": "UDP"}, {"port": 132, "protocol": "SCTP", "endPort": 140}]}]
+                }),
+            ),
+        ],
+    );
+    let d = compile(&c, "n1");
+    let rules = chain(&d, "in4", "10.244.0.5").unwrap();
+    assert_eq!(
+        chain(&d, "in6", "fd00::5"),
+        Some(rules),
+        "both families share the pod's chain"
+    );
+    let with_set = rules.iter().find(|r| r.contains('@')).unwrap();
+    let set = with_set
+        .split('@')
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        d.sets[&set].elems.iter().cloned().collect::<Vec<_>>(),
+        ["10.244.1.7"],
+        "a pod selector alone picks the policy's namespace only"
+    );
+    assert!(
+        rules.contains(&format!(
+            "ip saddr @{set} meta l4proto tcp th dport 8080 return"
+        )),
+        "named port resolved on the pod: {rules:#?}"
+    );
+    assert!(rules.contains(&"ip saddr 192.168.0.0/16 ip saddr != { 192.168.1.0/24 } meta l4proto udp th dport 53 return".to_string()), "{rules:#?}");
+    assert!(rules.contains(&"ip saddr 192.168.0.0/16 ip saddr != { 192.168.1.0/24 } meta l4proto sctp th dport 132-140 return".to_string()), "{rules:#?}");
+    assert_eq!(
+        rules.last().unwrap(),
+        "counter drop comment \"a/web ingress\""
+    );
+}
+
+#[test]
+fn named_ports_resolve_per_pod() {
+    // The same name, different numbers: each pod's chain has its own.
+    let mut a = pod("a", "a", "n1", "10.244.0.5", &[("app", "web")]);
+    a.ports = vec![NamedPort {
+        name: "http".into(),
+        port: 8080,
+        proto: Proto::Tcp,
+    }];
+    let mut b = pod("a", "b", "n1", "10.244.0.6", &[("app", "web")]);
+    b.ports = vec![NamedPort {
+        name: "http".into(),
+        port: 9090,
+        proto: Proto::Tcp,
+    }];
+    let mut dst = pod("a", "dst", "n2", "10.244.1.9", &[("app", "api")]);
+    dst.ports = vec![NamedPort {
+        name: "api".into(),
+        port: 7000,
+        proto: Proto::Tcp,
+    }];
+    let c = cluster(
+        vec![a, b, dst],
+        vec![
+            policy(
+                "a",
+                "in",
+                serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{"ports": [{"port": "http"}]}]}),
+            ),
+            policy(
+                "a",
+                "out",
+                serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Egress"], "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "api"}}}], "ports": [{"port": "api"}]}]}),
+            ),
+        ],
+    );
+    let d = compile(&c, "n1");
+    assert_eq!(
+        chain(&d, "in4", "10.244.0.5").unwrap()[0],
+        "meta l4proto tcp th dport 8080 return"
+    );
+    assert_eq!(
+        chain(&d, "in4", "10.244.0.6").unwrap()[0],
+        "meta l4proto tcp th dport 9090 return"
+    );
+    // Egress: the name resolves on each destination pod.
+    let eg = chain(&d, "eg4", "10.244.0.5").unwrap();
+    let set = eg[0].split('@').nth(1).unwrap().split(' ').next().unwrap();
+    assert_eq!(
+        eg[0],
+        format!("ip daddr . meta l4proto . th dport @{set} return")
+    );
+    assert_eq!(
+        d.sets[set].elems.iter().cloned().collect::<Vec<_>>(),
+        ["10.244.1.9 . tcp . 7000"]
+    );
+}
+
+#[test]
+fn host_network_pods_are_neither_targets_nor_peers() {
+    let mut h = pod("a", "h", "n1", "198.18.0.11", &[("app", "web")]);
+    h.host_network = true;
+    let c = cluster(
+        vec![h, pod("a", "p", "n1", "10.244.0.7", &[("app", "web")])],
+        vec![policy(
+            "a",
+            "p",
+            serde_json::json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}),
+        )],
+    );
+    let d = compile(&c, "n1");
+    assert_eq!(mapped(&d, "in4"), ["10.244.0.7".parse().unwrap()].into());
+    let all: Vec<&String> = d.sets.values().flat_map(|s| &s.elems).collect();
+    assert_eq!(
+        all,
+        ["10.244.0.7"],
+        "the hostNetwork pod's (node's) address is in no set"
+    );
+}
+
+#[test]
+fn delta_changes_set_elements_in_place() {
+    let p = policy(
+        "a",
+        "p",
+        serde_json::json!({"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "c"}}}]}]}),
+    );
+    let web = pod("a", "web", "n1", "10.244.0.5", &[("app", "web")]);
+    let c1 = cluster(
+        vec![
+            web.clone(),
+            pod("a", "c1", "n2", "10.244.1.1", &[("role", "c")]),
+        ],
+        vec![p.clone()],
+    );
+    let c2 = cluster(
+        vec![web, pod("a", "c2", "n2", "10.244.1.2", &[("role", "c")])],
+        vec![p],
+    );
+    let (d1, d2) = (compile(&c1, "n1"), compile(&c2, "n1"));
+    let delta = nft::delta(&d1, &d2);
+    let lines: Vec<&str> = delta.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "one element in, one out, nothing else: {delta}"
+    );
+    assert!(
+        lines[0].starts_with("add element inet flannel-policy p4-")
+            && lines[0].ends_with("{ 10.244.1.2 }")
+    );
+    assert!(
+        lines[1].starts_with("delete element inet flannel-policy p4-")
+            && lines[1].ends_with("{ 10.244.1.1 }")
+    );
+    assert_eq!(nft::delta(&d2, &d2), "", "no change, no commands");
+}
+
+#[test]
+fn delta_from_nothing_and_back() {
+    let c = cluster(
+        vec![pod("a", "web", "n1", "10.244.0.5", &[])],
+        vec![policy(
+            "a",
+            "p",
+            serde_json::json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}}]}]}),
+        )],
+    );
+    let mut empty = Desired::default();
+    for (m, _) in super::compile::MAPS {
+        empty.maps.insert(m, BTreeMap::new());
+    }
+    let d = compile(&c, "n1");
+    let up = nft::delta(&empty, &d);
+    let first = |p: &str| up.lines().position(|l| l.starts_with(p)).unwrap();
+    assert!(
+        first("add set") < first("add rule"),
+        "sets before the rules naming them:\n{up}"
+    );
+    assert!(
+        first("add chain") < first("add element inet flannel-policy in4"),
+        "chains before map entries:\n{up}"
+    );
+    let down = nft::delta(&d, &empty);
+    let first = |p: &str| down.lines().position(|l| l.starts_with(p)).unwrap();
+    assert!(
+        first("delete element inet flannel-policy in4") < first("delete chain"),
+        "{down}"
+    );
+    assert!(first("delete chain") < first("delete set"), "{down}");
+    let full = nft::full(&d);
+    assert!(full.starts_with("table inet flannel-policy {}\ndelete table inet flannel-policy\n"));
+    assert!(full.contains("type filter hook forward priority filter - 5; policy accept;"));
+}
