@@ -353,14 +353,15 @@ fn network_policy_on_real_pods() {
 
     // Someone flushes the table: restored.
     lab.exec("n1", &["nft", "flush", "table", "inet", "flannel-policy"]);
-    std::thread::sleep(Duration::from_millis(300));
-    expect(&lab, a, &server, 9090, false, false, "after a flush");
-    assert!(
-        lab.flannel_log(1)
-            .contains("changed by someone else; restored"),
-        "{}",
-        lab.flannel_log(1)
+    wait_until(
+        Duration::from_secs(1),
+        "the flushed table restored within a second",
+        || {
+            lab.flannel_log(1)
+                .contains("changed by someone else; restored")
+        },
     );
+    expect(&lab, a, &server, 9090, false, false, "after a flush");
 
     // Node 2 enforces nothing: its pods stay open even though policies select none of them yet.
     lab.apply_json(policy(

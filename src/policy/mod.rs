@@ -3,7 +3,7 @@
 //! [`model::Cluster`], compiled into the nftables state this node must hold
 //! ([`compile`]), and the difference to what was applied is written in one
 //! transaction ([`nft`]). Someone flushing or deleting the table is noticed
-//! through `nft monitor` and the table is written whole again.
+//! through the kernel's nftables notifications and the table is written whole again.
 //!
 //! Before the first complete list of all three kinds the agent enforces
 //! nothing (fails open: a node is never cut off by a policy it has not read);
@@ -201,13 +201,13 @@ async fn listing() -> Option<String> {
 }
 
 /// Makes the kernel hold `want`: the difference to `applied` (what we last
-/// wrote, when the table is known intact), else the whole table. Returns the
-/// table's listing afterwards (what "intact" is checked against).
-async fn apply(want: &Desired, applied: Option<&Desired>) -> anyhow::Result<String> {
+/// wrote, when the table is known intact), else the whole table.
+async fn apply(want: &Desired, applied: Option<&Desired>) -> anyhow::Result<()> {
     let script = match applied {
         Some(old) => nft::delta(old, want),
         None => nft::full(want),
     };
+    tracing::debug!("network policy: {} nft commands", script.lines().count());
     if !script.is_empty() {
         let (ok, err) = run_with("nft", &["-f", "-"], Some(&script)).await?;
         if !ok {
@@ -215,36 +215,45 @@ async fn apply(want: &Desired, applied: Option<&Desired>) -> anyhow::Result<Stri
             anyhow::bail!("nft -f: {}\n{head}", err.trim());
         }
     }
-    listing()
-        .await
-        .ok_or_else(|| anyhow::anyhow!("the policy table is not there after writing it"))
+    Ok(())
 }
 
-/// Starts `nft monitor`; a line about our table wakes the enforcer.
-fn monitor(wake: Arc<tokio::sync::Notify>) {
+/// nfnetlink's multicast group of nftables changes (NFNLGRP_NFTABLES).
+const NFNLGRP_NFTABLES: u32 = 7;
+
+/// Listens to the kernel's nftables change notifications (what `nft monitor`
+/// reads, without its output buffering); one naming our table wakes the enforcer,
+/// which then compares the table with what it wrote.
+fn watch_table(wake: Arc<tokio::sync::Notify>) {
+    use netlink_sys::{protocols::NETLINK_NETFILTER, AsyncSocket, AsyncSocketExt, TokioSocket};
+    let sock = TokioSocket::new(NETLINK_NETFILTER).and_then(|mut s| {
+        s.socket_mut().bind_auto()?;
+        s.socket_mut().add_membership(NFNLGRP_NFTABLES)?;
+        Ok(s)
+    });
+    let sock = match sock {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("network policy: cannot follow nftables changes ({e}); a flushed table is repaired on the next change only");
+            return;
+        }
+    };
+    let name = format!("{}\0", nft::TABLE).into_bytes();
     tokio::spawn(async move {
         loop {
-            let child = tokio::process::Command::new("nft")
-                .args(["monitor", "ruleset"])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn();
-            let Ok(mut child) = child else {
-                tracing::warn!("network policy: cannot run `nft monitor`; a flushed table is repaired only on the next change");
-                return;
-            };
-            if let Some(out) = child.stdout.take() {
-                use tokio::io::AsyncBufReadExt;
-                let mut lines = tokio::io::BufReader::new(out).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    if l.contains(nft::TABLE) {
+            match sock.recv_from_full().await {
+                Ok((buf, _)) => {
+                    if buf.windows(name.len()).any(|w| w == name.as_slice()) {
                         wake.notify_one();
                     }
                 }
+                Err(e) => {
+                    // ENOBUFS: notifications were lost; check the table.
+                    tracing::debug!("nftables notifications: {e}");
+                    wake.notify_one();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
-            let _ = child.wait().await;
-            tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
 }
@@ -260,7 +269,7 @@ pub async fn run(client: Client, node: String, metrics: Arc<Metrics>) {
         watcher::watcher(Api::<NetworkPolicy>::all(client), cfg).map(|r| r.map(Change::Policy));
     let mut changes = futures::stream::select_all([pods.boxed(), nss.boxed(), pols.boxed()]);
     let wake = Arc::new(tokio::sync::Notify::new());
-    monitor(wake.clone());
+    watch_table(wake.clone());
     let mut st = State::default();
     let mut applied: Option<Desired> = None;
     let mut seen: Option<String> = None;
@@ -300,7 +309,7 @@ pub async fn run(client: Client, node: String, metrics: Arc<Metrics>) {
         }
         let mut restored = false;
         if recheck && pending.is_none() && !failed {
-            // Woken by `nft monitor`: our own writes echo back as well.
+            // Woken by an nftables notification: our own writes echo back as well.
             if applied.is_none() || listing().await == seen {
                 continue;
             }
@@ -310,7 +319,22 @@ pub async fn run(client: Client, node: String, metrics: Arc<Metrics>) {
         let started = Instant::now();
         let want = compile::compile(&st.cluster, &node);
         let first = seen.is_none();
-        match apply(&want, applied.as_ref()).await {
+        let result = apply(&want, applied.as_ref()).await;
+        if result.is_ok() {
+            if let Some(since) = pending.take() {
+                metrics
+                    .policy_latency
+                    .observe(since.elapsed().as_secs_f64());
+            }
+        }
+        // What "intact" is checked against when a notification wakes us.
+        let result = match result {
+            Ok(()) => listing()
+                .await
+                .ok_or_else(|| anyhow::anyhow!("the policy table is not there after writing it")),
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(l) => {
                 if first {
                     tracing::info!(
@@ -320,6 +344,8 @@ pub async fn run(client: Client, node: String, metrics: Arc<Metrics>) {
                         want.objects(),
                         started.elapsed()
                     );
+                    // The first lists' pages are garbage now.
+                    crate::reconcile::release_freed_memory();
                 } else if restored {
                     tracing::warn!(
                         "network policy: the {} table was changed by someone else; restored",
