@@ -289,6 +289,27 @@ fn network_policy_on_real_pods() {
     );
 
     // Allow from namespace b (by label): clientb in, clienta still out.
+    // By the name label, which a 1.20 API server does not set (the agent does)...
+    lab.apply_json(policy("a", "from-b-by-name", serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "b"}}}], "ports": [{"port": 9090}]}]})));
+    expect(
+        &lab,
+        b,
+        &server,
+        9090,
+        false,
+        true,
+        "allow from namespace by name label",
+    );
+    expect(
+        &lab,
+        b,
+        &server,
+        8080,
+        false,
+        false,
+        "allow from namespace by name label, other port",
+    );
+    // ...and by a label of its own.
     lab.apply_json(policy("a", "from-b", serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "friends"}}}]}]})));
     expect(&lab, b, &server, 8080, false, true, "allow from namespace");
     expect(&lab, a, &server, 8080, false, false, "allow from namespace");
@@ -449,7 +470,14 @@ fn network_policy_on_real_pods() {
     // Policies updated and deleted.
     lab.apply_json(policy("a", "from-clients", serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "nobody"}}}]}]})));
     expect(&lab, a, &server, 8080, false, false, "policy updated");
-    for p in ["deny", "from-b", "from-clients", "block", "egress"] {
+    for p in [
+        "deny",
+        "from-b",
+        "from-b-by-name",
+        "from-clients",
+        "block",
+        "egress",
+    ] {
         lab.kubectl(&["delete", "networkpolicy", "-n", "a", p]);
     }
     expect(&lab, a, &server, 8080, false, true, "policies deleted");
