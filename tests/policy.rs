@@ -177,10 +177,24 @@ fn policy(ns: &str, name: &str, spec: serde_json::Value) -> serde_json::Value {
     serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name, "namespace": ns}, "spec": spec})
 }
 
-#[test]
-#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
-fn network_policy_on_real_pods() {
-    require_root();
+const A: &str = "n2-clienta";
+const B: &str = "n2-clientb";
+const N: &str = "n1-near";
+const O: &str = "n2-other";
+const S: &str = "n1-server";
+
+/// The main test's lab: node 1 enforces, with a server and a same-node
+/// neighbour (namespace a); node 2 has clients in namespaces a and b.
+struct World {
+    // Dropped first: the servers stop before the lab goes down.
+    _servers: Vec<Servers>,
+    lab: Lab,
+    server: String,
+    client_a: String,
+    client_b: String,
+}
+
+fn world() -> World {
     let lab = Lab::up("pol", &["--nodes", "2"]);
     lab.kubectl(&[
         "apply",
@@ -214,25 +228,44 @@ fn network_policy_on_real_pods() {
         lab.pod_object(ns, name, node, ip, labels, ports.clone());
     }
     lab.kubectl(&["label", "namespace", "b", "team=friends"]);
-    let _srv = serve(&lab, "n1-server", &[8080, 9090]);
-    let _cli = serve(&lab, "n2-clienta", &[7000]);
-    let _clb = serve(&lab, "n2-clientb", &[7000]);
+    let servers = vec![
+        serve(&lab, "n1-server", &[8080, 9090]),
+        serve(&lab, "n2-clienta", &[7000]),
+        serve(&lab, "n2-clientb", &[7000]),
+    ];
     wait_until(
         Duration::from_secs(30),
         "policy enforcement started",
         || lab.flannel_log(1).contains("network policy: enforcing"),
     );
-    let (a, b, n, o, s) = (
-        "n2-clienta",
-        "n2-clientb",
-        "n1-near",
-        "n2-other",
-        "n1-server",
-    );
+    World {
+        lab,
+        server,
+        client_a,
+        client_b,
+        _servers: servers,
+    }
+}
 
+#[test]
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
+fn network_policy_on_real_pods() {
+    require_root();
+    let w = world();
+    no_policy_and_deny_all(&w);
+    selectors_ports_and_relabels(&w);
+    blocks_egress_and_new_pods(&w);
+    repair_per_node_update_delete(&w);
+    both_selectors_in_one_peer(&w);
+}
+
+/// No policy, then deny-all ingress (also through a ClusterIP).
+fn no_policy_and_deny_all(w: &World) {
+    let (lab, server, client_a, client_b) = (&w.lab, &w.server, &w.client_a, &w.client_b);
+    let _ = (client_a, client_b);
     // No policy: everything talks.
-    expect(&lab, a, &server, 8080, false, true, "no policy");
-    expect(&lab, n, &server, 8080, false, true, "no policy, same node");
+    expect(lab, A, &server, 8080, false, true, "no policy");
+    expect(lab, N, &server, 8080, false, true, "no policy, same node");
     // A Service as kube-proxy makes it: DNAT of a ClusterIP to the server, in
     // node 1's prerouting. Policy must judge the backend pod, not the ClusterIP.
     lab.exec(
@@ -240,8 +273,8 @@ fn network_policy_on_real_pods() {
         &["nft", &format!("add table ip kp; add chain ip kp pre {{ type nat hook prerouting priority dstnat; }}; add rule ip kp pre ip daddr 10.96.0.10 tcp dport 80 dnat to {server}:8080")],
     );
     expect(
-        &lab,
-        n,
+        lab,
+        N,
         "10.96.0.10",
         80,
         false,
@@ -252,21 +285,21 @@ fn network_policy_on_real_pods() {
     // Deny all ingress in a: nobody reaches the server; the server still reaches out;
     // the node itself (kubelet probes) still reaches the server.
     lab.apply_json(policy("a", "deny", serde_json::json!({"podSelector": {}})));
-    expect(&lab, a, &server, 8080, false, false, "deny-all");
-    expect(&lab, n, &server, 8080, false, false, "deny-all, same node");
+    expect(lab, A, &server, 8080, false, false, "deny-all");
+    expect(lab, N, &server, 8080, false, false, "deny-all, same node");
     expect(
-        &lab,
-        n,
+        lab,
+        N,
         "10.96.0.10",
         80,
         false,
         false,
         "deny-all, through a ClusterIP",
     );
-    expect(&lab, a, &server, 8080, true, false, "deny-all, UDP");
+    expect(lab, A, &server, 8080, true, false, "deny-all, UDP");
     expect(
-        &lab,
-        s,
+        lab,
+        S,
         &client_a,
         7000,
         false,
@@ -289,11 +322,17 @@ fn network_policy_on_real_pods() {
     );
 
     // Allow from namespace b (by label): clientb in, clienta still out.
+}
+
+/// Namespace and pod selectors, named ports, protocols, policies adding up, relabels.
+fn selectors_ports_and_relabels(w: &World) {
+    let (lab, server, client_a, client_b) = (&w.lab, &w.server, &w.client_a, &w.client_b);
+    let _ = (client_a, client_b);
     // By the name label, which a 1.20 API server does not set (the agent does)...
     lab.apply_json(policy("a", "from-b-by-name", serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "b"}}}], "ports": [{"port": 9090}]}]})));
     expect(
-        &lab,
-        b,
+        lab,
+        B,
         &server,
         9090,
         false,
@@ -301,8 +340,8 @@ fn network_policy_on_real_pods() {
         "allow from namespace by name label",
     );
     expect(
-        &lab,
-        b,
+        lab,
+        B,
         &server,
         8080,
         false,
@@ -311,14 +350,14 @@ fn network_policy_on_real_pods() {
     );
     // ...and by a label of its own.
     lab.apply_json(policy("a", "from-b", serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "friends"}}}]}]})));
-    expect(&lab, b, &server, 8080, false, true, "allow from namespace");
-    expect(&lab, a, &server, 8080, false, false, "allow from namespace");
+    expect(lab, B, &server, 8080, false, true, "allow from namespace");
+    expect(lab, A, &server, 8080, false, false, "allow from namespace");
 
     // Allow from pods of a role in namespace a: policies add up (b stays allowed).
     lab.apply_json(policy("a", "from-clients", serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}], "ports": [{"port": "http"}]}]})));
     expect(
-        &lab,
-        a,
+        lab,
+        A,
         &server,
         8080,
         false,
@@ -326,8 +365,8 @@ fn network_policy_on_real_pods() {
         "allow from pod, named port",
     );
     expect(
-        &lab,
-        n,
+        lab,
+        N,
         &server,
         8080,
         false,
@@ -335,8 +374,8 @@ fn network_policy_on_real_pods() {
         "allow from pod, same node",
     );
     expect(
-        &lab,
-        n,
+        lab,
+        N,
         "10.96.0.10",
         80,
         false,
@@ -344,8 +383,8 @@ fn network_policy_on_real_pods() {
         "allowed pod, through a ClusterIP",
     );
     expect(
-        &lab,
-        a,
+        lab,
+        A,
         &server,
         9090,
         false,
@@ -353,18 +392,18 @@ fn network_policy_on_real_pods() {
         "named port resolves to 8080 only",
     );
     expect(
-        &lab,
-        a,
+        lab,
+        A,
         &server,
         8080,
         true,
         false,
         "a TCP port does not allow UDP",
     );
-    expect(&lab, o, &server, 8080, false, false, "other role denied");
+    expect(lab, O, &server, 8080, false, false, "other role denied");
     expect(
-        &lab,
-        b,
+        lab,
+        B,
         &server,
         9090,
         false,
@@ -382,27 +421,32 @@ fn network_policy_on_real_pods() {
         "role=client",
         "--overwrite",
     ]);
-    expect(&lab, o, &server, 8080, false, true, "relabelled pod");
+    expect(lab, O, &server, 8080, false, true, "relabelled pod");
+}
 
+/// ipBlock with except, egress to a CIDR, a new pod in a selected namespace.
+fn blocks_egress_and_new_pods(w: &World) {
+    let (lab, server, client_a, client_b) = (&w.lab, &w.server, &w.client_a, &w.client_b);
+    let _ = (client_a, client_b);
     // ipBlock with except, UDP.
     lab.apply_json(policy("a", "block", serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.244.0.0/16", "except": [format!("{client_a}/32")]}}], "ports": [{"port": 9090, "protocol": "UDP"}]}]})));
     expect(
-        &lab,
-        o,
+        lab,
+        O,
         &server,
         9090,
         true,
         true,
         "ipBlock matches pod addresses",
     );
-    expect(&lab, a, &server, 9090, true, false, "ipBlock except");
+    expect(lab, A, &server, 9090, true, false, "ipBlock except");
 
     // Egress to a CIDR only; replies of allowed ingress still pass.
     lab.apply_json(policy("a", "egress", serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Egress"], "egress": [{"to": [{"ipBlock": {"cidr": format!("{client_b}/32")}}]}]})));
-    expect(&lab, s, &client_b, 7000, false, true, "egress to CIDR");
+    expect(lab, S, &client_b, 7000, false, true, "egress to CIDR");
     expect(
-        &lab,
-        s,
+        lab,
+        S,
         &client_a,
         7000,
         false,
@@ -410,8 +454,8 @@ fn network_policy_on_real_pods() {
         "egress elsewhere denied",
     );
     expect(
-        &lab,
-        a,
+        lab,
+        A,
         &server,
         8080,
         false,
@@ -438,7 +482,12 @@ fn network_policy_on_real_pods() {
         true,
         "new pod in selected namespace",
     );
+}
 
+/// The table flushed by hand, node 2 not enforcing, policies updated and deleted.
+fn repair_per_node_update_delete(w: &World) {
+    let (lab, server, client_a, client_b) = (&w.lab, &w.server, &w.client_a, &w.client_b);
+    let _ = (client_a, client_b);
     // Someone flushes the table: restored.
     lab.exec("n1", &["nft", "flush", "table", "inet", "flannel-policy"]);
     wait_until(
@@ -449,7 +498,7 @@ fn network_policy_on_real_pods() {
                 .contains("changed by someone else; restored")
         },
     );
-    expect(&lab, a, &server, 9090, false, false, "after a flush");
+    expect(lab, A, &server, 9090, false, false, "after a flush");
 
     // Node 2 enforces nothing: its pods stay open even though policies select none of them yet.
     lab.apply_json(policy(
@@ -458,8 +507,8 @@ fn network_policy_on_real_pods() {
         serde_json::json!({"podSelector": {}}),
     ));
     expect(
-        &lab,
-        s,
+        lab,
+        S,
         &client_b,
         7000,
         false,
@@ -469,7 +518,7 @@ fn network_policy_on_real_pods() {
 
     // Policies updated and deleted.
     lab.apply_json(policy("a", "from-clients", serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "nobody"}}}]}]})));
-    expect(&lab, a, &server, 8080, false, false, "policy updated");
+    expect(lab, A, &server, 8080, false, false, "policy updated");
     for p in [
         "deny",
         "from-b",
@@ -480,10 +529,10 @@ fn network_policy_on_real_pods() {
     ] {
         lab.kubectl(&["delete", "networkpolicy", "-n", "a", p]);
     }
-    expect(&lab, a, &server, 8080, false, true, "policies deleted");
+    expect(lab, A, &server, 8080, false, true, "policies deleted");
     expect(
-        &lab,
-        s,
+        lab,
+        S,
         &client_a,
         7000,
         false,
@@ -494,6 +543,41 @@ fn network_policy_on_real_pods() {
     assert!(
         !table.contains("chain in-") && !table.contains("chain eg-"),
         "no pod chains left:\n{table}"
+    );
+}
+
+/// Both selectors in one peer.
+fn both_selectors_in_one_peer(w: &World) {
+    let (lab, server, client_a, client_b) = (&w.lab, &w.server, &w.client_a, &w.client_b);
+    let _ = (client_a, client_b);
+    // Both selectors in one peer: pods of that role in those namespaces only.
+    lab.apply_json(policy("a", "combo", serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "friends"}}, "podSelector": {"matchLabels": {"role": "client"}}}]}]})));
+    expect(
+        lab,
+        B,
+        &server,
+        8080,
+        false,
+        true,
+        "pod and namespace selector together",
+    );
+    expect(
+        lab,
+        "n2-clientb2",
+        &server,
+        8080,
+        false,
+        false,
+        "right namespace, wrong role",
+    );
+    expect(
+        lab,
+        A,
+        &server,
+        8080,
+        false,
+        false,
+        "right role, wrong namespace",
     );
 }
 
