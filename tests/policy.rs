@@ -264,8 +264,8 @@ fn no_policy_and_deny_all(w: &World) {
     let (lab, server, client_a, client_b) = (&w.lab, &w.server, &w.client_a, &w.client_b);
     let _ = (client_a, client_b);
     // No policy: everything talks.
-    expect(lab, A, &server, 8080, false, true, "no policy");
-    expect(lab, N, &server, 8080, false, true, "no policy, same node");
+    expect(lab, A, server, 8080, false, true, "no policy");
+    expect(lab, N, server, 8080, false, true, "no policy, same node");
     // A Service as kube-proxy makes it: DNAT of a ClusterIP to the server, in
     // node 1's prerouting. Policy must judge the backend pod, not the ClusterIP.
     lab.exec(
@@ -285,8 +285,8 @@ fn no_policy_and_deny_all(w: &World) {
     // Deny all ingress in a: nobody reaches the server; the server still reaches out;
     // the node itself (kubelet probes) still reaches the server.
     lab.apply_json(policy("a", "deny", serde_json::json!({"podSelector": {}})));
-    expect(lab, A, &server, 8080, false, false, "deny-all");
-    expect(lab, N, &server, 8080, false, false, "deny-all, same node");
+    expect(lab, A, server, 8080, false, false, "deny-all");
+    expect(lab, N, server, 8080, false, false, "deny-all, same node");
     expect(
         lab,
         N,
@@ -296,11 +296,11 @@ fn no_policy_and_deny_all(w: &World) {
         false,
         "deny-all, through a ClusterIP",
     );
-    expect(lab, A, &server, 8080, true, false, "deny-all, UDP");
+    expect(lab, A, server, 8080, true, false, "deny-all, UDP");
     expect(
         lab,
         S,
-        &client_a,
+        client_a,
         7000,
         false,
         true,
@@ -333,7 +333,7 @@ fn selectors_ports_and_relabels(w: &World) {
     expect(
         lab,
         B,
-        &server,
+        server,
         9090,
         false,
         true,
@@ -342,7 +342,7 @@ fn selectors_ports_and_relabels(w: &World) {
     expect(
         lab,
         B,
-        &server,
+        server,
         8080,
         false,
         false,
@@ -350,15 +350,15 @@ fn selectors_ports_and_relabels(w: &World) {
     );
     // ...and by a label of its own.
     lab.apply_json(policy("a", "from-b", serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "friends"}}}]}]})));
-    expect(lab, B, &server, 8080, false, true, "allow from namespace");
-    expect(lab, A, &server, 8080, false, false, "allow from namespace");
+    expect(lab, B, server, 8080, false, true, "allow from namespace");
+    expect(lab, A, server, 8080, false, false, "allow from namespace");
 
     // Allow from pods of a role in namespace a: policies add up (b stays allowed).
     lab.apply_json(policy("a", "from-clients", serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}], "ports": [{"port": "http"}]}]})));
     expect(
         lab,
         A,
-        &server,
+        server,
         8080,
         false,
         true,
@@ -367,7 +367,7 @@ fn selectors_ports_and_relabels(w: &World) {
     expect(
         lab,
         N,
-        &server,
+        server,
         8080,
         false,
         true,
@@ -385,7 +385,7 @@ fn selectors_ports_and_relabels(w: &World) {
     expect(
         lab,
         A,
-        &server,
+        server,
         9090,
         false,
         false,
@@ -394,17 +394,17 @@ fn selectors_ports_and_relabels(w: &World) {
     expect(
         lab,
         A,
-        &server,
+        server,
         8080,
         true,
         false,
         "a TCP port does not allow UDP",
     );
-    expect(lab, O, &server, 8080, false, false, "other role denied");
+    expect(lab, O, server, 8080, false, false, "other role denied");
     expect(
         lab,
         B,
-        &server,
+        server,
         9090,
         false,
         true,
@@ -421,7 +421,7 @@ fn selectors_ports_and_relabels(w: &World) {
         "role=client",
         "--overwrite",
     ]);
-    expect(lab, O, &server, 8080, false, true, "relabelled pod");
+    expect(lab, O, server, 8080, false, true, "relabelled pod");
 }
 
 /// ipBlock with except, egress to a CIDR, a new pod in a selected namespace.
@@ -433,21 +433,21 @@ fn blocks_egress_and_new_pods(w: &World) {
     expect(
         lab,
         O,
-        &server,
+        server,
         9090,
         true,
         true,
         "ipBlock matches pod addresses",
     );
-    expect(lab, A, &server, 9090, true, false, "ipBlock except");
+    expect(lab, A, server, 9090, true, false, "ipBlock except");
 
     // Egress to a CIDR only; replies of allowed ingress still pass.
     lab.apply_json(policy("a", "egress", serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Egress"], "egress": [{"to": [{"ipBlock": {"cidr": format!("{client_b}/32")}}]}]})));
-    expect(lab, S, &client_b, 7000, false, true, "egress to CIDR");
+    expect(lab, S, client_b, 7000, false, true, "egress to CIDR");
     expect(
         lab,
         S,
-        &client_a,
+        client_a,
         7000,
         false,
         false,
@@ -456,7 +456,7 @@ fn blocks_egress_and_new_pods(w: &World) {
     expect(
         lab,
         A,
-        &server,
+        server,
         8080,
         false,
         true,
@@ -474,9 +474,9 @@ fn blocks_egress_and_new_pods(w: &World) {
         serde_json::json!([]),
     );
     expect(
-        &lab,
+        lab,
         "n2-clientb2",
-        &server,
+        server,
         9090,
         false,
         true,
@@ -498,7 +498,7 @@ fn repair_per_node_update_delete(w: &World) {
                 .contains("changed by someone else; restored")
         },
     );
-    expect(lab, A, &server, 9090, false, false, "after a flush");
+    expect(lab, A, server, 9090, false, false, "after a flush");
 
     // Node 2 enforces nothing: its pods stay open even though policies select none of them yet.
     lab.apply_json(policy(
@@ -509,7 +509,7 @@ fn repair_per_node_update_delete(w: &World) {
     expect(
         lab,
         S,
-        &client_b,
+        client_b,
         7000,
         false,
         true,
@@ -518,7 +518,7 @@ fn repair_per_node_update_delete(w: &World) {
 
     // Policies updated and deleted.
     lab.apply_json(policy("a", "from-clients", serde_json::json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "nobody"}}}]}]})));
-    expect(lab, A, &server, 8080, false, false, "policy updated");
+    expect(lab, A, server, 8080, false, false, "policy updated");
     for p in [
         "deny",
         "from-b",
@@ -529,11 +529,11 @@ fn repair_per_node_update_delete(w: &World) {
     ] {
         lab.kubectl(&["delete", "networkpolicy", "-n", "a", p]);
     }
-    expect(lab, A, &server, 8080, false, true, "policies deleted");
+    expect(lab, A, server, 8080, false, true, "policies deleted");
     expect(
         lab,
         S,
-        &client_a,
+        client_a,
         7000,
         false,
         true,
@@ -555,7 +555,7 @@ fn both_selectors_in_one_peer(w: &World) {
     expect(
         lab,
         B,
-        &server,
+        server,
         8080,
         false,
         true,
@@ -564,7 +564,7 @@ fn both_selectors_in_one_peer(w: &World) {
     expect(
         lab,
         "n2-clientb2",
-        &server,
+        server,
         8080,
         false,
         false,
@@ -573,7 +573,7 @@ fn both_selectors_in_one_peer(w: &World) {
     expect(
         lab,
         A,
-        &server,
+        server,
         8080,
         false,
         false,
