@@ -166,6 +166,22 @@ fn manifest_creates_every_object_with_upstreams_rbac() {
     );
 }
 
+/// Runs `cmd` in a buildah working container, whatever its exit status.
+fn run_in(ctr: &str, cmd: &[&str]) -> std::process::Output {
+    Command::new("buildah")
+        .args([
+            "--storage-driver",
+            "vfs",
+            "run",
+            "--isolation",
+            "chroot",
+            ctr,
+        ])
+        .args(cmd)
+        .output()
+        .unwrap()
+}
+
 #[test]
 #[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
 fn image_builds_with_buildah_and_runs() {
@@ -224,31 +240,8 @@ fn image_builds_with_buildah_and_runs() {
     ]);
     let root = buildah(&["run", "--isolation", "chroot", &ctr, "ls", "/"]);
     // mk-docker-opts.sh is flanneld under that name: an unknown option prints its usage.
-    let mk = Command::new("buildah")
-        .args([
-            "--storage-driver",
-            "vfs",
-            "run",
-            "--isolation",
-            "chroot",
-            &ctr,
-        ])
-        .args(["/opt/bin/mk-docker-opts.sh", "-x"])
-        .output()
-        .unwrap();
-    let cp = Command::new("buildah")
-        .args([
-            "--storage-driver",
-            "vfs",
-            "run",
-            "--isolation",
-            "chroot",
-            &ctr,
-            "cp",
-            "--help",
-        ])
-        .output()
-        .unwrap();
+    let mk = run_in(&ctr, &["/opt/bin/mk-docker-opts.sh", "-x"]);
+    let cp = run_in(&ctr, &["cp", "--help"]);
     buildah(&["rm", &ctr]);
     assert!(
         version.starts_with("v0.") && version.contains("flannel-rs"),
