@@ -22,3 +22,4 @@ pub mod reconcile;
 pub mod retry;
 pub mod subnet;
 pub mod subnet_env;
+pub mod supervisor;

@@ -13,6 +13,7 @@ use flannel::manager::etcd::{EtcdManager, EtcdSettings};
 use flannel::manager::kube::{KubeManager, KubeSettings};
 use flannel::manager::SubnetManager;
 use flannel::metrics::Metrics;
+use flannel::supervisor::Supervisor;
 
 fn init_logging(flags: &Flags) {
     let level = match flags.verbosity {
@@ -139,12 +140,19 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             };
             let manager = Arc::new(KubeManager::new(settings, metrics.clone()).await?);
             tracing::info!("kube subnet manager for node {}", manager.node_name());
+            let mut sup = Supervisor::new(metrics.clone());
             if flags.network_policy {
-                let (client, node) = (manager.client(), manager.node_name().to_string());
-                tokio::spawn(flannel::policy::run(client, node, metrics.clone()));
+                let (m, node, metrics) = (
+                    manager.clone(),
+                    manager.node_name().to_string(),
+                    metrics.clone(),
+                );
+                sup.restartable("network-policy", move || {
+                    flannel::policy::run(m.clients(), node.clone(), metrics.clone())
+                });
             }
             let depth = manager.queue_depth();
-            run_agent(&flags, conf, manager, &metrics, depth).await
+            run_agent(&flags, conf, manager, &metrics, depth, sup).await
         } else {
             let settings = EtcdSettings {
                 endpoints: flags.etcd_endpoint_list(),
@@ -162,7 +170,8 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             };
             let manager = Arc::new(EtcdManager::new(settings, metrics.clone()).await?);
             let conf = manager.network_config().await?;
-            run_agent(&flags, conf, manager, &metrics, 5000).await
+            let sup = Supervisor::new(metrics.clone());
+            run_agent(&flags, conf, manager, &metrics, 5000, sup).await
         }
     };
     tokio::select! {
@@ -194,6 +203,7 @@ async fn run_agent<M: SubnetManager>(
     manager: Arc<M>,
     metrics: &Arc<Metrics>,
     queue_depth: usize,
+    sup: Supervisor,
 ) -> anyhow::Result<()> {
     let flags = flags.clone();
     let metrics = metrics.clone();
@@ -206,6 +216,7 @@ async fn run_agent<M: SubnetManager>(
                 backend,
                 metrics,
                 queue_depth,
+                sup,
             }
             .run()
             .await
@@ -218,6 +229,7 @@ async fn run_agent<M: SubnetManager>(
                 backend,
                 metrics,
                 queue_depth,
+                sup,
             }
             .run()
             .await

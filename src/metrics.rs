@@ -30,6 +30,61 @@ impl StoreHealth {
     }
 }
 
+/// How long the dataplane may keep failing to reconcile before /readyz says so.
+/// Transient refusals (a link down for a moment) heal well within it.
+pub const DATAPLANE_BOUND: Duration = Duration::from_secs(10);
+
+/// Since when reconcile passes have failed, and the last reason (None: the
+/// last pass succeeded).
+#[derive(Debug, Default)]
+pub struct DataplaneHealth(std::sync::Mutex<Option<(tokio::time::Instant, String)>>);
+
+impl DataplaneHealth {
+    /// A pass failed: the streak starts now unless it already runs.
+    pub fn failed(&self, why: impl Into<String>) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let since = g
+            .as_ref()
+            .map_or_else(tokio::time::Instant::now, |(t, _)| *t);
+        *g = Some((since, why.into()));
+    }
+    pub fn ok(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+    /// How long passes have been failing, and why.
+    pub fn failing(&self) -> Option<(Duration, String)> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref().map(|(t, why)| (t.elapsed(), why.clone()))
+    }
+}
+
+/// The supervisor's view of each long-lived task: up or not, and since when it
+/// has kept failing (a run that ends soon after it started), with the last error.
+#[derive(Debug, Default)]
+pub struct TaskBoard(std::sync::Mutex<std::collections::BTreeMap<&'static str, TaskState>>);
+
+#[derive(Debug, Clone, Default)]
+pub struct TaskState {
+    pub up: bool,
+    pub failing: Option<(tokio::time::Instant, String)>,
+}
+
+impl TaskBoard {
+    pub fn set(&self, name: &'static str, f: impl FnOnce(&mut TaskState)) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        f(g.entry(name).or_default());
+    }
+    pub fn snapshot(&self) -> Vec<(&'static str, TaskState)> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.iter().map(|(k, v)| (*k, v.clone())).collect()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TaskLabel {
+    pub task: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
@@ -103,7 +158,19 @@ pub struct Metrics {
     pub policy_latency: Histogram,
     /// nft objects in the policy table (sets, elements, chains, rules, map entries).
     pub policy_objects: Gauge,
+    /// Long-lived tasks: 1 while running (flannel_task_up).
+    pub task_up: Family<TaskLabel, Gauge>,
+    /// Times the supervisor restarted a task that had ended.
+    pub task_restarts: Family<TaskLabel, Counter>,
+    /// Peer leases whose update was unreadable, so their last good lease is kept.
+    pub peer_updates_malformed: Counter,
+    /// Seconds the dataplane has been failing to reconcile (0: it is not).
+    dataplane_failing: Gauge<f64, AtomicU64>,
+    /// Event loop turns: stays flat while the agent idles (no polling).
+    pub loop_wakeups: Counter,
     pub store: StoreHealth,
+    pub dataplane: DataplaneHealth,
+    pub tasks: TaskBoard,
 }
 
 impl Default for Metrics {
@@ -131,7 +198,14 @@ impl Metrics {
             lease_expiry: Family::default(),
             policy_latency: latency_histogram(),
             policy_objects: Gauge::default(),
+            task_up: Family::default(),
+            task_restarts: Family::default(),
+            peer_updates_malformed: Counter::default(),
+            dataplane_failing: Gauge::default(),
+            loop_wakeups: Counter::default(),
             store: StoreHealth::default(),
+            dataplane: DataplaneHealth::default(),
+            tasks: TaskBoard::default(),
             registry: Registry::default(),
         };
         let build: Family<BuildLabels, Gauge> = Family::default();
@@ -221,6 +295,31 @@ impl Metrics {
             "Objects in the policy table: sets, set elements, chains, rules, map entries (--network-policy)",
             m.policy_objects.clone(),
         );
+        r.register(
+            "flannel_task_up",
+            "1 while the supervised task runs (peer-watch, lease-keeper, drift-monitor, firewall, network-policy, ...)",
+            m.task_up.clone(),
+        );
+        r.register(
+            "flannel_task_restarts",
+            "Times the supervisor restarted a task that had ended or failed",
+            m.task_restarts.clone(),
+        );
+        r.register(
+            "flannel_peer_updates_malformed",
+            "Peer updates that could not be read; the peer keeps its last good lease",
+            m.peer_updates_malformed.clone(),
+        );
+        r.register(
+            "flannel_dataplane_failing_seconds",
+            "How long reconcile passes have been failing (0 when the last one succeeded); /readyz fails past 10 s",
+            m.dataplane_failing.clone(),
+        );
+        r.register(
+            "flannel_event_loop_wakeups",
+            "Turns of the agent's event loop (flat at idle: nothing polls)",
+            m.loop_wakeups.clone(),
+        );
         // Every label set exists from the start (at 0), so rate() and alerts work
         // before the first error.
         for op in ["set", "delete"] {
@@ -241,10 +340,27 @@ impl Metrics {
         if !self.programmed.load(std::sync::atomic::Ordering::Relaxed) {
             return Err("lease or dataplane pending".into());
         }
-        match self.store.broken() {
-            Some(why) => Err(format!("peer watch broken: {why}")),
-            None => Ok(()),
+        if let Some(why) = self.store.broken() {
+            return Err(format!("peer watch broken: {why}"));
         }
+        if let Some((d, why)) = self
+            .dataplane
+            .failing()
+            .filter(|(d, _)| *d > DATAPLANE_BOUND)
+        {
+            return Err(format!(
+                "the dataplane has not been reconciled for {}s: {why}",
+                d.as_secs()
+            ));
+        }
+        for (name, st) in self.tasks.snapshot() {
+            if let Some((since, why)) = st.failing {
+                if since.elapsed() > DATAPLANE_BOUND {
+                    return Err(format!("task {name} keeps failing: {why}"));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Marks the agent ready (lease held, dataplane programmed).
@@ -256,6 +372,11 @@ impl Metrics {
     /// The exposition in OpenMetrics text (what Prometheus asks for).
     pub fn render_openmetrics(&self) -> String {
         self.ready.set(i64::from(self.readiness().is_ok()));
+        self.dataplane_failing.set(
+            self.dataplane
+                .failing()
+                .map_or(0.0, |(d, _)| d.as_secs_f64()),
+        );
         let mut s = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
@@ -394,5 +515,22 @@ mod tests {
         m.store.down("connection refused");
         assert!(m.render().contains("\nflannel_ready 0\n"));
         assert!(m.readiness().unwrap_err().contains("connection refused"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ready_follows_the_dataplane_past_the_bound() {
+        let m = Metrics::default();
+        m.set_ready();
+        m.dataplane.failed("1 of 3 kernel changes failed");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        m.dataplane.failed("2 of 3 kernel changes failed");
+        assert!(m.readiness().is_ok(), "a short failure is not unreadiness");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let why = m.readiness().unwrap_err();
+        assert!(why.contains("not been reconciled for 11s: 2 of 3"), "{why}");
+        assert!(m.render().contains("flannel_dataplane_failing_seconds 11"));
+        m.dataplane.ok();
+        assert!(m.readiness().is_ok());
+        assert!(m.render().contains("\nflannel_dataplane_failing_seconds 0"));
     }
 }

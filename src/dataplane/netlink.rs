@@ -3,6 +3,7 @@
 //! and changed with pipelined requests over a single socket.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use futures::{stream, StreamExt, TryStreamExt};
 use ipnetwork::IpNetwork;
@@ -175,6 +176,9 @@ pub struct ApplyReport {
 #[derive(Clone)]
 pub struct Netlink {
     handle: Handle,
+    /// The socket's connection task: it ends when the socket fails, and every
+    /// request after that fails too (see [`Netlink::alive`]).
+    conn: Arc<tokio::task::JoinHandle<()>>,
 }
 
 fn addr_of(ip: IpAddr) -> RouteAddress {
@@ -222,8 +226,20 @@ impl Netlink {
     /// Opens a route netlink socket in the current network namespace.
     pub fn connect() -> std::io::Result<Netlink> {
         let (conn, handle, _) = rtnetlink::new_connection()?;
-        tokio::spawn(conn);
-        Ok(Netlink { handle })
+        let conn = Arc::new(tokio::spawn(conn));
+        Ok(Netlink { handle, conn })
+    }
+
+    /// Whether the connection still serves requests. When it does not, the
+    /// owner opens a new one ([`Netlink::connect`]).
+    pub fn alive(&self) -> bool {
+        !self.conn.is_finished()
+    }
+
+    /// Ends the connection as a failed socket would (for tests of the recovery).
+    #[doc(hidden)]
+    pub fn break_connection(&self) {
+        self.conn.abort();
     }
 
     async fn request(&self, msg: RouteNetlinkMessage, flags: u16) -> Result<(), rtnetlink::Error> {

@@ -133,7 +133,11 @@ pub struct Setup {
     pub resync: Duration,
 }
 
-/// Starts one keeper per routed family (network, own subnet). In iptables mode
+/// A keeper: runs forever, restoring the rules every `resync` (handled by the
+/// supervisor as a task that must never end).
+pub type Keeper = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Prepares one keeper per routed family (network, own subnet). In iptables mode
 /// the flavour is chosen once, logged with its reason, and our chains are
 /// cleared from the other flavour and our nftables tables removed (what an
 /// earlier run or mode left); nftables mode removes our iptables chains.
@@ -141,9 +145,10 @@ pub async fn start(
     setup: &Setup,
     families: &[(IpNetwork, IpNetwork)],
     metrics: std::sync::Arc<crate::metrics::Metrics>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<Keeper>> {
+    let mut keepers: Vec<Keeper> = Vec::new();
     if !setup.ip_masq && !setup.forward {
-        return Ok(());
+        return Ok(keepers);
     }
     let wanted = |(network, own): &(IpNetwork, IpNetwork)| {
         let mut w = Wanted::new(*network, *own, setup.ip_masq, setup.forward);
@@ -154,14 +159,14 @@ pub async fn start(
         for f in families {
             let want = wanted(f);
             clear_iptables_leftovers(want.v6).await;
-            tokio::spawn(keep(
+            keepers.push(Box::pin(keep(
                 nftables::Nftables::new(),
                 want,
                 setup.resync,
                 metrics.clone(),
-            ));
+            )));
         }
-        return Ok(());
+        return Ok(keepers);
     }
     let choice = detect::detect(&setup.iptables_mode).await?;
     tracing::info!(
@@ -195,9 +200,9 @@ pub async fn start(
             );
         }
         let fw = iptables::Iptables::new(choice.v4.clone(), choice.v6.clone()).await;
-        tokio::spawn(keep(fw, want, setup.resync, metrics.clone()));
+        keepers.push(Box::pin(keep(fw, want, setup.resync, metrics.clone())));
     }
-    Ok(())
+    Ok(keepers)
 }
 
 /// nftables mode: our iptables chains of an earlier iptables-mode run, in either flavour.

@@ -17,7 +17,7 @@ use etcd_client::{
 use ipnetwork::IpNetwork;
 use rand::seq::IndexedRandom;
 use serde_json::Value;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 use super::{LeaseEvent, LeaseRequest, PeerRead, SubnetManager};
 use crate::config::netconf::NetConf;
@@ -66,6 +66,23 @@ struct Own {
     lease_id: i64,
     /// The value we wrote: a Put of our key with any other value is someone else's.
     value: String,
+    /// A value being published (the node's address changed): its echo is ours too.
+    pending: Option<String>,
+}
+
+impl Own {
+    fn new(key: String, lease_id: i64, value: String) -> Own {
+        Own {
+            key,
+            lease_id,
+            value,
+            pending: None,
+        }
+    }
+
+    fn holds(&self, value: &[u8]) -> bool {
+        self.value.as_bytes() == value || self.pending.as_deref().map(str::as_bytes) == Some(value)
+    }
 }
 
 pub struct EtcdManager {
@@ -197,8 +214,24 @@ fn fatal(e: &etcd_client::Error) -> bool {
             || (matches!(s.code(), Code::InvalidArgument | Code::Unauthenticated)
                 && s.message().contains("authentication failed"));
     }
-    let text = format!("{e:?}").to_ascii_lowercase();
-    text.contains("certificate") || text.contains("handshake")
+    fatal_transport(&format!("{e:?}"))
+}
+
+/// A TLS failure no retry heals: a certificate one side rejects. A handshake
+/// cut short (EOF, reset: etcd restarting, a load balancer without a backend)
+/// is transient.
+fn fatal_transport(debug: &str) -> bool {
+    let text = debug.to_ascii_lowercase();
+    [
+        "certificate",
+        "unknownissuer",
+        "badsignature",
+        "notvalidforname",
+        "bad_certificate",
+        "unknown_ca",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
 }
 
 impl EtcdManager {
@@ -274,11 +307,9 @@ impl EtcdManager {
     /// New connections from the node's current address: the old ones are dead
     /// but would only be noticed by the keep-alive timeout.
     async fn reconnect(&self) -> anyhow::Result<()> {
-        let what = format!("reconnecting to etcd at {}", self.s.endpoints.join(","));
-        let c = retry::until_ok(&what, fatal, || {
-            Client::connect(self.s.endpoints.clone(), Some(self.opts.clone()))
-        })
-        .await?;
+        let c = Client::connect(self.s.endpoints.clone(), Some(self.opts.clone()))
+            .await
+            .with_context(|| format!("reconnecting to etcd at {}", self.s.endpoints.join(",")))?;
         *self.client.lock().unwrap_or_else(|e| e.into_inner()) = c;
         self.restart.notify_one();
         Ok(())
@@ -330,11 +361,13 @@ impl EtcdManager {
                 value,
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        if c.txn(txn).await?.succeeded() {
-            Ok(Some(lease))
-        } else {
-            let _ = c.lease_revoke(lease).await;
-            Ok(None)
+        match c.txn(txn).await {
+            Ok(r) if r.succeeded() => Ok(Some(lease)),
+            r => {
+                // Not ours after all (or unknown): the granted lease must not linger.
+                let _ = c.lease_revoke(lease).await;
+                Ok(r.map(|_| None)?)
+            }
         }
     }
 
@@ -396,14 +429,7 @@ impl EtcdManager {
                 if val.as_slice() != value.as_bytes() {
                     c.put(key.clone(), value.clone(), None).await?;
                 }
-                return Ok(Some((
-                    lease_of(v4, v6),
-                    Own {
-                        key,
-                        lease_id: 0,
-                        value: value.clone(),
-                    },
-                )));
+                return Ok(Some((lease_of(v4, v6), Own::new(key, 0, value.clone()))));
             }
             let new_lease = c
                 .lease_grant(self.s.lease_ttl.as_secs() as i64, None)
@@ -425,11 +451,7 @@ impl EtcdManager {
                 tracing::info!("reusing our lease {name}");
                 return Ok(Some((
                     lease_of(v4, v6),
-                    Own {
-                        key,
-                        lease_id: new_lease,
-                        value: value.clone(),
-                    },
+                    Own::new(key, new_lease, value.clone()),
                 )));
             }
             let _ = c.lease_revoke(new_lease).await;
@@ -450,11 +472,11 @@ impl EtcdManager {
                 anyhow::Ok(id.map(|id| {
                     (
                         lease_of(v4, v6),
-                        Own {
-                            key: format!("{}{name}", self.subnets_prefix()),
-                            lease_id: id,
-                            value: value.clone(),
-                        },
+                        Own::new(
+                            format!("{}{name}", self.subnets_prefix()),
+                            id,
+                            value.clone(),
+                        ),
                     )
                 }))
             }
@@ -541,11 +563,7 @@ impl EtcdManager {
             return match self.create(&name, &value).await? {
                 Some(id) => {
                     tracing::warn!("our lease {name} was gone from etcd; re-created it");
-                    Ok(Keep::Kept(Own {
-                        key: own.key.clone(),
-                        lease_id: id,
-                        value: value.clone(),
-                    }))
+                    Ok(Keep::Kept(Own::new(own.key.clone(), id, value.clone())))
                 }
                 None => Err(anyhow::anyhow!(
                     "{name} was created by someone else meanwhile; re-reading"
@@ -556,11 +574,9 @@ impl EtcdManager {
             Holder::Other(who) => Ok(Keep::Taken(format!(
                 "our subnet {name} is now held by another node ({who})"
             ))),
-            Holder::Us if kv.lease() == own.lease_id || kv.lease() == 0 => Ok(Keep::Kept(Own {
-                key: own.key.clone(),
-                lease_id: kv.lease(),
-                value: value.clone(),
-            })),
+            Holder::Us if kv.lease() == own.lease_id || kv.lease() == 0 => Ok(Keep::Kept(
+                Own::new(own.key.clone(), kv.lease(), value.clone()),
+            )),
             Holder::Us => {
                 // Our value on a lease that is not (or no longer) ours: move it to a new one.
                 let id = c
@@ -582,11 +598,7 @@ impl EtcdManager {
                     tracing::warn!(
                         "our lease {name} was on a lost etcd lease; moved it to a new one"
                     );
-                    Ok(Keep::Kept(Own {
-                        key: own.key.clone(),
-                        lease_id: id,
-                        value: value.clone(),
-                    }))
+                    Ok(Keep::Kept(Own::new(own.key.clone(), id, value.clone())))
                 } else {
                     let _ = c.lease_revoke(id).await;
                     Err(anyhow::anyhow!(
@@ -756,50 +768,45 @@ impl SubnetManager for EtcdManager {
         }
     }
 
-    async fn republish(&self, _conf: &NetConf, req: &LeaseRequest) -> anyhow::Result<()> {
-        let Some(mut own) = self.own() else {
-            bail!("no lease is held");
-        };
-        self.reconnect().await?;
-        let name = own
-            .key
-            .strip_prefix(&self.subnets_prefix())
-            .unwrap_or(&own.key)
-            .to_string();
-        let v4 = parse_key_name(&name).is_some_and(|(v4, _)| v4.is_some());
-        own.value = lease_value(req, v4);
-        // First what we hold, so the watch takes the echo of this put as ours.
-        *self.req.lock().unwrap_or_else(|e| e.into_inner()) = Some(req.clone());
-        *self.own.lock().unwrap_or_else(|e| e.into_inner()) = Some(own.clone());
-        let opts = (own.lease_id != 0).then(|| PutOptions::new().with_lease(own.lease_id));
-        let what = format!("publishing {name} with the node's new address");
-        retry::until_ok(&what, fatal, || {
-            let mut c = self.client();
-            let (k, v, o) = (own.key.clone(), own.value.clone(), opts.clone());
-            async move { c.put(k, v, o).await }
-        })
-        .await?;
-        Ok(())
-    }
-
     async fn complete(&self) -> anyhow::Result<()> {
         Ok(())
     }
 
-    /// Renews our lease `--subnet-lease-renew-margin` before it expires, and
-    /// re-checks it at once when the watch saw our key change or vanish. Returns
-    /// only when another node holds our subnet: like upstream, the agent then
-    /// exits, and its restart acquires a new subnet cleanly (routes, device
-    /// address and subnet.env all change with it).
-    async fn keep_alive(&self, _own: &Lease, first: &LeaseRequest) -> anyhow::Error {
+    /// Renews our lease `--subnet-lease-renew-margin` before it expires,
+    /// re-checks it at once when the watch saw our key change or vanish, and
+    /// publishes the latest value of `latest` (the node's address changed) —
+    /// the one writer of our key. Returns only when another node holds our
+    /// subnet: like upstream, the agent then exits, and its restart acquires a
+    /// new subnet cleanly (routes, device address and subnet.env all change).
+    async fn keep_alive(
+        &self,
+        _conf: &NetConf,
+        _own: &Lease,
+        mut latest: watch::Receiver<LeaseRequest>,
+    ) -> anyhow::Error {
         let every = renew_interval(self.s.lease_ttl, self.s.renew_margin);
         if self.own().is_some_and(|o| o.lease_id != 0) {
             self.note_expiry();
         }
+        let renewal = tokio::time::sleep(every);
+        tokio::pin!(renewal);
         loop {
             let check = tokio::select! {
-                _ = tokio::time::sleep(every) => false,
+                _ = &mut renewal => {
+                    renewal.as_mut().reset(tokio::time::Instant::now() + every);
+                    false
+                }
                 _ = self.lost.notified() => true,
+                ch = latest.changed() => {
+                    if ch.is_err() {
+                        // The agent is ending; nothing more to publish.
+                        return std::future::pending().await;
+                    }
+                    if let Err(e) = self.publish_latest(&mut latest).await {
+                        return e;
+                    }
+                    continue;
+                }
             };
             let Some(own) = self.own() else {
                 return anyhow::anyhow!("no lease is held");
@@ -807,32 +814,150 @@ impl SubnetManager for EtcdManager {
             if own.lease_id == 0 && !check {
                 continue; // a reservation never expires
             }
-            let req = self
-                .req
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-                .unwrap_or_else(|| first.clone());
+            let req = self.published(&latest);
             match self.keep(&own, &req, check).await {
-                Keep::Kept(o) => {
-                    let held = o.lease_id != 0;
-                    if o.lease_id == own.lease_id {
-                        self.metrics.lease_renewals.inc();
-                        tracing::info!("renewed lease {} (etcd lease {:x})", o.key, o.lease_id);
-                    }
-                    *self.own.lock().unwrap_or_else(|e| e.into_inner()) = Some(o);
-                    if held {
-                        self.note_expiry();
-                    }
+                Keep::Kept(o) => self.kept(&own, o),
+                Keep::Taken(why) => return taken(why),
+            }
+        }
+    }
+}
+
+fn taken(why: String) -> anyhow::Error {
+    anyhow::anyhow!("{why}; exiting so that a restart acquires a new subnet")
+}
+
+impl EtcdManager {
+    /// What our key carries now (the last value published).
+    fn published(&self, latest: &watch::Receiver<LeaseRequest>) -> LeaseRequest {
+        self.req
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| latest.borrow().clone())
+    }
+
+    /// Records a renewal round's outcome.
+    fn kept(&self, before: &Own, o: Own) {
+        let held = o.lease_id != 0;
+        if o.lease_id == before.lease_id {
+            self.metrics.lease_renewals.inc();
+            tracing::info!("renewed lease {} (etcd lease {:x})", o.key, o.lease_id);
+        }
+        *self.own.lock().unwrap_or_else(|e| e.into_inner()) = Some(o);
+        if held {
+            self.note_expiry();
+        }
+    }
+
+    /// Publishes the newest request on our key (from new connections: the old
+    /// ones left from an address that is gone). Transient errors are retried
+    /// with the store backoff, and a newer request replaces the one being
+    /// retried. Our key no longer holding our value (its etcd lease expired,
+    /// someone rewrote it) is settled as a renewal check would, then published
+    /// again; Err only when another node holds our subnet.
+    async fn publish_latest(
+        &self,
+        latest: &mut watch::Receiver<LeaseRequest>,
+    ) -> Result<(), anyhow::Error> {
+        let mut backoff = Backoff::default();
+        let mut log = Throttle::new("publishing our lease with the node's new address");
+        loop {
+            let want = latest.borrow_and_update().clone();
+            let prev = self.published(latest);
+            let Some(own) = self.own() else {
+                return Err(anyhow::anyhow!("no lease is held"));
+            };
+            if want == prev {
+                return Ok(());
+            }
+            let step = async {
+                self.reconnect().await?;
+                if let Some(o) = self.write_value(&own, &want).await? {
+                    return anyhow::Ok(Some(o));
                 }
-                Keep::Taken(why) => {
-                    return anyhow::anyhow!(
-                        "{why}; exiting so that a restart acquires a new subnet"
-                    )
+                match self.reclaim(&own, &prev).await? {
+                    Keep::Kept(o) => {
+                        *self.own.lock().unwrap_or_else(|e| e.into_inner()) = Some(o);
+                        Ok(None)
+                    }
+                    Keep::Taken(why) => Err(Taken(why).into()),
+                }
+            };
+            let r = tokio::select! {
+                r = step => r,
+                _ = latest.changed() => continue,
+            };
+            match r {
+                Ok(Some(o)) => {
+                    log.ok();
+                    *self.own.lock().unwrap_or_else(|e| e.into_inner()) = Some(o);
+                    *self.req.lock().unwrap_or_else(|e| e.into_inner()) = Some(want);
+                    tracing::info!("published the lease with the node's new address");
+                }
+                Ok(None) => {} // settled; publish again
+                Err(e) => {
+                    if let Some(t) = e.downcast_ref::<Taken>() {
+                        return Err(taken(t.0.clone()));
+                    }
+                    let d = backoff.next_delay();
+                    log.fail(&format_args!("{e:#}; retrying in {d:.1?}"));
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = latest.changed() => {}
+                    }
                 }
             }
         }
     }
+
+    /// Writes `req`'s value on our key and etcd lease if the key still holds
+    /// our value. Ok(None): it does not, or etcd no longer knows our lease.
+    async fn write_value(&self, own: &Own, req: &LeaseRequest) -> anyhow::Result<Option<Own>> {
+        let name = own
+            .key
+            .strip_prefix(&self.subnets_prefix())
+            .unwrap_or(&own.key)
+            .to_string();
+        let v4 = parse_key_name(&name).is_some_and(|(v4, _)| v4.is_some());
+        let value = lease_value(req, v4);
+        // Its echo in the watch is ours from now on.
+        let mut marked = own.clone();
+        marked.pending = Some(value.clone());
+        *self.own.lock().unwrap_or_else(|e| e.into_inner()) = Some(marked);
+        let opts = (own.lease_id != 0).then(|| PutOptions::new().with_lease(own.lease_id));
+        let txn = Txn::new()
+            .when(vec![Compare::value(
+                own.key.clone(),
+                CompareOp::Equal,
+                own.value.clone(),
+            )])
+            .and_then(vec![TxnOp::put(own.key.clone(), value.clone(), opts)]);
+        let mut c = self.client();
+        match c.txn(txn).await {
+            Ok(r) if r.succeeded() => Ok(Some(Own::new(own.key.clone(), own.lease_id, value))),
+            Ok(_) => Ok(None),
+            Err(e) if lease_not_found(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Another node holds our subnet (ends the agent).
+#[derive(Debug)]
+struct Taken(String);
+
+impl std::fmt::Display for Taken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Taken {}
+
+/// etcd's answer to a request on a lease it no longer has (expired, revoked).
+fn lease_not_found(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("lease not found"))
 }
 
 /// How one read-then-watch round ended.
@@ -911,7 +1036,7 @@ impl EtcdManager {
                 };
                 if name == own_name {
                     // Gone, or rewritten by someone else: let the renewer read it.
-                    let ours = self.own().is_some_and(|o| o.value.as_bytes() == kv.value());
+                    let ours = self.own().is_some_and(|o| o.holds(kv.value()));
                     if ev.event_type() == EventType::Delete || !ours {
                         tracing::warn!("our lease {name} changed in etcd; checking it");
                         self.lost.notify_one();

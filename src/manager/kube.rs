@@ -192,10 +192,10 @@ pub fn lease_from_node(
 pub struct KubeManager {
     /// Replaced when the node's address changes: connections from the old
     /// address are dead but would only time out after READ_TIMEOUT.
-    client: std::sync::RwLock<Client>,
+    /// The current client; replaced when the node's address changes, and every
+    /// watch (the Node watch, the NetworkPolicy watches) follows the new one.
+    clients: tokio::sync::watch::Sender<Client>,
     config: Config,
-    /// Tells the Node watch to drop its connection and list afresh.
-    restart: tokio::sync::Notify,
     node_name: String,
     prefix: String,
     net_config_path: PathBuf,
@@ -245,9 +245,8 @@ impl KubeManager {
             .filter(|v| *v > 0)
             .unwrap_or(5000);
         Ok(KubeManager {
-            client: std::sync::RwLock::new(client),
+            clients: tokio::sync::watch::Sender::new(client),
             config,
-            restart: tokio::sync::Notify::new(),
             node_name,
             prefix: s.prefix,
             net_config_path: s.net_config_path,
@@ -259,18 +258,19 @@ impl KubeManager {
 
     /// The current client (for the NetworkPolicy watches).
     pub fn client(&self) -> Client {
-        self.client
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.clients.borrow().clone()
+    }
+
+    /// The current client, and every later one (for the NetworkPolicy watches).
+    pub fn clients(&self) -> tokio::sync::watch::Receiver<Client> {
+        self.clients.subscribe()
     }
 
     /// New connections (from the node's current address) for every later
     /// request, and a fresh list for the watch.
     fn reconnect(&self) -> anyhow::Result<()> {
         let c = Client::try_from(self.config.clone()).context("building the Kubernetes client")?;
-        *self.client.write().unwrap_or_else(|e| e.into_inner()) = c;
-        self.restart.notify_one();
+        self.clients.send_replace(c);
         Ok(())
     }
 
@@ -428,9 +428,14 @@ impl KubeManager {
     ) -> anyhow::Result<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
         let nodes: Api<Node> = Api::all(self.client());
         let what = format!("getting node {}", self.node_name);
-        let node = retry::until_ok(&what, fatal, || nodes.get(&self.node_name))
-            .await
-            .map_err(|e| config_error(e, &what))?;
+        // Our own Node gone means it was deleted under us: no retry brings it back.
+        let node = retry::until_ok(
+            &what,
+            |e| fatal(e) || is_code(e, 404),
+            || nodes.get(&self.node_name),
+        )
+        .await
+        .map_err(|e| gone_or_config_error(e, &what, &self.node_name))?;
         let have = node.metadata.annotations.clone().unwrap_or_default();
         let (want, pub4, pub6) = self.wanted_annotations(&have, conf, req);
         let differ: BTreeMap<&String, &String> = want
@@ -446,11 +451,13 @@ impl KubeManager {
             let patch = serde_json::json!({ "metadata": { "annotations": differ } });
             let what = format!("publishing annotations on node {}", self.node_name);
             let (pp, patch) = (PatchParams::default(), Patch::Strategic(&patch));
-            retry::until_ok(&what, fatal, || {
-                nodes.patch_status(&self.node_name, &pp, &patch)
-            })
+            retry::until_ok(
+                &what,
+                |e| fatal(e) || is_code(e, 404),
+                || nodes.patch_status(&self.node_name, &pp, &patch),
+            )
             .await
-            .map_err(|e| config_error(e, &what))?;
+            .map_err(|e| gone_or_config_error(e, &what, &self.node_name))?;
             tracing::info!("published lease annotations on node {}", self.node_name);
         }
         Ok((pub4, pub6))
@@ -564,6 +571,16 @@ fn config_error(e: kube::Error, what: &str) -> anyhow::Error {
     anyhow::anyhow!("{what}: {e}{hint}")
 }
 
+/// As [`config_error`], but a 404 says our Node was deleted.
+fn gone_or_config_error(e: kube::Error, what: &str, node: &str) -> anyhow::Error {
+    if is_code(&e, 404) {
+        return anyhow::anyhow!(
+            "{what}: node {node} no longer exists (deleted?); cannot publish this node's lease"
+        );
+    }
+    config_error(e, what)
+}
+
 /// Watch errors: (re-list at once, reason for /readyz). A `410 Gone` means our
 /// resourceVersion is too old (e.g. a restarted API server): waiting helps nothing.
 fn watch_error(e: &watcher::Error) -> (bool, String) {
@@ -620,7 +637,7 @@ impl SubnetManager for KubeManager {
 
     async fn watch(&self, conf: &NetConf, tx: mpsc::Sender<LeaseEvent>) {
         let _ = conf;
-        let api: Api<NodeLite> = Api::all(self.client());
+        let mut clients = self.clients();
         let cfg = watcher::Config::default()
             .page_size(PREVIEW_BATCH as u32)
             .timeout(WATCH_TIMEOUT_S);
@@ -629,10 +646,12 @@ impl SubnetManager for KubeManager {
         // Every (re)connection lists afresh: whatever changed while the API server
         // was away (Nodes added, deleted, re-annotated) arrives in that Snapshot.
         loop {
-            let stream = watcher::watcher(api.clone(), cfg.clone()).boxed();
+            // Each round from the current client (a new one after an address change).
+            let api: Api<NodeLite> = Api::all(clients.borrow_and_update().clone());
+            let stream = watcher::watcher(api, cfg.clone()).boxed();
             let ended = tokio::select! {
                 e = self.follow(stream, &tx, &mut backoff, &mut log) => e,
-                _ = self.restart.notified() => {
+                _ = clients.changed() => {
                     tracing::info!("watching nodes: reconnecting from the node's new address");
                     continue;
                 }
@@ -653,11 +672,6 @@ impl SubnetManager for KubeManager {
                 tokio::time::sleep(d).await;
             }
         }
-    }
-
-    async fn republish(&self, conf: &NetConf, req: &LeaseRequest) -> anyhow::Result<()> {
-        self.reconnect()?;
-        self.publish(conf, req).await.map(|_| ())
     }
 
     async fn complete(&self) -> anyhow::Result<()> {
@@ -708,9 +722,42 @@ impl SubnetManager for KubeManager {
         Ok(())
     }
 
-    async fn keep_alive(&self, _own: &Lease, _req: &LeaseRequest) -> anyhow::Error {
-        // The podCIDR lease never expires.
-        std::future::pending().await
+    /// The podCIDR lease never expires; this is the one writer of our
+    /// annotations after start-up: it publishes the newest request (from a new
+    /// client: the old connections left from an address that is gone), a newer
+    /// one replacing one still being retried. Our Node gone (404) ends the agent.
+    async fn keep_alive(
+        &self,
+        conf: &NetConf,
+        _own: &Lease,
+        mut latest: tokio::sync::watch::Receiver<LeaseRequest>,
+    ) -> anyhow::Error {
+        loop {
+            if latest.changed().await.is_err() {
+                return std::future::pending().await; // the agent is ending
+            }
+            loop {
+                let req = latest.borrow_and_update().clone();
+                if let Err(e) = self.reconnect() {
+                    tracing::error!("{e:#}");
+                }
+                tokio::select! {
+                    r = self.publish(conf, &req) => match r {
+                        Ok(_) => {
+                            tracing::info!("published the lease with the node's new address");
+                            break;
+                        }
+                        Err(e) => return e,
+                    },
+                    ch = latest.changed() => {
+                        if ch.is_err() {
+                            return std::future::pending().await;
+                        }
+                        // A newer address: publish that one instead.
+                    }
+                }
+            }
+        }
     }
 }
 

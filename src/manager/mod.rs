@@ -59,23 +59,20 @@ pub trait SubnetManager: Send + Sync + 'static {
         tx: mpsc::Sender<LeaseEvent>,
     ) -> impl Future<Output = ()> + Send;
 
-    /// Publishes `req` again on the lease already held (the node's address
-    /// changed): kube `public-ip` annotations, etcd the lease value's `PublicIP`.
-    fn republish(
-        &self,
-        conf: &NetConf,
-        req: &LeaseRequest,
-    ) -> impl Future<Output = anyhow::Result<()>> + Send;
-
     /// Tells the world this node's dataplane is up (kube: NetworkUnavailable=False).
     fn complete(&self) -> impl Future<Output = anyhow::Result<()>> + Send;
 
-    /// Keeps the own lease alive (etcd: renewals, retried through outages).
-    /// Returns only when the lease cannot be kept (another node holds our
-    /// subnet); the agent then exits with that message.
+    /// Keeps the own lease alive and published: the one writer of it after
+    /// acquisition. Renews it (etcd; retried through outages) and publishes the
+    /// latest value `req` holds whenever it changes (the node's address
+    /// changed: kube `public-ip` annotations, etcd the value's `PublicIP`) —
+    /// a newer value replaces one still being retried. Returns only when the
+    /// lease cannot be kept (another node holds our subnet, our Node is gone);
+    /// the agent then exits with that message.
     fn keep_alive(
         &self,
+        conf: &NetConf,
         own: &Lease,
-        req: &LeaseRequest,
+        req: tokio::sync::watch::Receiver<LeaseRequest>,
     ) -> impl Future<Output = anyhow::Error> + Send;
 }

@@ -258,8 +258,11 @@ fn watch_table(wake: Arc<tokio::sync::Notify>) {
     });
 }
 
-/// Watches pods, namespaces and policies and keeps this node's policy table.
-pub async fn run(client: Client, node: String, metrics: Arc<Metrics>) {
+type Changes =
+    futures::stream::SelectAll<futures::stream::BoxStream<'static, Result<Change, watcher::Error>>>;
+
+/// The three watches, from one client.
+fn watches(client: Client) -> Changes {
     let cfg = watcher::Config::default().timeout(60);
     let pods =
         watcher::watcher(Api::<Pod>::all(client.clone()), cfg.clone()).map(|r| r.map(Change::Pod));
@@ -267,7 +270,19 @@ pub async fn run(client: Client, node: String, metrics: Arc<Metrics>) {
         .map(|r| r.map(Change::Namespace));
     let pols =
         watcher::watcher(Api::<NetworkPolicy>::all(client), cfg).map(|r| r.map(Change::Policy));
-    let mut changes = futures::stream::select_all([pods.boxed(), nss.boxed(), pols.boxed()]);
+    futures::stream::select_all([pods.boxed(), nss.boxed(), pols.boxed()])
+}
+
+/// Watches pods, namespaces and policies and keeps this node's policy table.
+/// The watches follow the manager's current client (a new one after the
+/// node's address changed). Returns only if the watches end (the supervisor
+/// runs it again).
+pub async fn run(
+    mut clients: tokio::sync::watch::Receiver<Client>,
+    node: String,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let mut changes = watches(clients.borrow_and_update().clone());
     let wake = Arc::new(tokio::sync::Notify::new());
     watch_table(wake.clone());
     let mut st = State::default();
@@ -300,9 +315,17 @@ pub async fn run(client: Client, node: String, metrics: Arc<Metrics>) {
                     tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
-                None => return,
+                None => anyhow::bail!("the pod, namespace and policy watches ended"),
             },
             _ = wake.notified() => recheck = true,
+            ch = clients.changed() => {
+                if ch.is_err() {
+                    anyhow::bail!("the Kubernetes client is gone");
+                }
+                tracing::info!("network policy: watching again from the node's new address");
+                changes = watches(clients.borrow_and_update().clone());
+                continue;
+            }
         }
         if !st.synced() || (pending.is_none() && !recheck) {
             continue;

@@ -5,23 +5,17 @@
 //! netlink drift, failures, a slow safety timer). The drift monitor watches
 //! netlink and asks for a full pass when the kernel deviates.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use anyhow::Context;
-use futures::StreamExt;
-use netlink_packet_core::NetlinkPayload;
-use tokio::sync::mpsc;
 
 use crate::backend::Backend;
 use crate::config::flags::Flags;
 use crate::config::netconf::NetConf;
 use crate::dataplane::model::{diff, Diff, PeerChange, PeerEntries, State, Tracker};
-use crate::dataplane::netlink::{deviates, Devices, Netlink, Scope};
+use crate::dataplane::netlink::{Devices, Netlink, Scope};
 use crate::iface::{self, ExternalInterface};
-use crate::lease::{Lease, Outcome, PeerSet, Refusal};
-use crate::manager::{LeaseEvent, LeaseRequest, PeerRead};
+use crate::lease::Lease;
+use crate::manager::{LeaseEvent, LeaseRequest};
 use crate::metrics::Metrics;
 
 /// Full re-check of the kernel even without events. Deviations are seen through
@@ -96,7 +90,12 @@ pub fn planes(conf: &NetConf, own: &Lease, blackhole: bool) -> Vec<Plane> {
         })
         .collect()
 }
+pub mod drift;
+pub mod intake;
 pub mod schedule;
+
+pub use drift::follow_netlink;
+use intake::Intake;
 
 pub struct Reconciler<B> {
     pub nl: Netlink,
@@ -106,125 +105,27 @@ pub struct Reconciler<B> {
     pub flags: Flags,
     /// What we publish; changes with the node's address.
     pub req: LeaseRequest,
-    /// Set when the node's address changed: the lease must be published again.
-    pub republish: Option<LeaseRequest>,
-    pub own: Lease,
-    pub conf: NetConf,
-    pub peers: PeerSet,
-    /// Peers of the initial list so far (only until the first Snapshot).
-    pub provisional: PeerSet,
+    /// The manager's lease keeper, the one writer of our lease, publishes the
+    /// latest value sent here.
+    pub publish: tokio::sync::watch::Sender<LeaseRequest>,
+    /// Lease events folded into accepted peers.
+    pub intake: Intake,
     pub planes: Vec<Plane>,
-    pub warned: HashMap<String, String>,
-    /// Peers refused now, (name, IPv6?) → reason (flannel_peer_leases_refused).
-    pub refused: HashMap<(String, bool), &'static str>,
-    /// When the oldest change not yet in the kernel arrived.
-    pub pending_since: Option<Instant>,
     pub metrics: Arc<Metrics>,
     pub watched: Arc<std::sync::RwLock<Watched>>,
+    /// Why the last pass failed (for /readyz).
+    pub fail_reason: String,
 }
 
 impl<B: Backend> Reconciler<B> {
-    fn note(&mut self, out: Outcome) -> bool {
-        for (name, why) in out.refused {
-            let reason = match why {
-                Refusal::Invalid(_) => "invalid",
-                Refusal::Conflict { .. } => "conflict",
-                Refusal::Duplicate(_) => "duplicate",
-            };
-            self.refused.insert((name.clone(), false), reason);
-            let why = why.to_string();
-            if self.warned.get(&name) != Some(&why) {
-                tracing::warn!("skipping peer {name}: {why}");
-                self.warned.insert(name, why);
-            }
-        }
-        out.changed
-    }
-
-    fn upsert(&mut self, name: String, read: PeerRead) -> bool {
-        match read {
-            Ok(Some(lease)) => {
-                let out = self.peers.upsert(&name, lease, &self.conf, &self.own);
-                if out.refused.is_empty() {
-                    self.warned.remove(&name);
-                }
-                self.note(out)
-            }
-            Ok(None) => {
-                self.warned.remove(&name);
-                let out = self.peers.remove(&name, &self.conf, &self.own);
-                self.note(out)
-            }
-            Err(why) => {
-                self.refused.insert((name.clone(), false), "malformed");
-                if self.warned.get(&name) != Some(&why) {
-                    tracing::warn!("skipping peer {name}: {why}");
-                    self.warned.insert(name.clone(), why);
-                }
-                let out = self.peers.remove(&name, &self.conf, &self.own);
-                self.note(out)
-            }
-        }
-    }
-
     /// Takes in one change from the store; true if the accepted peers changed.
     pub fn handle(&mut self, ev: LeaseEvent) -> bool {
-        let changed = self.take(ev);
-        if changed {
-            self.pending_since.get_or_insert_with(Instant::now);
-        }
-        // A refusal changes no accepted peer, so it is published here (O(refused)).
-        self.publish_refused();
-        changed
-    }
-
-    fn take(&mut self, ev: LeaseEvent) -> bool {
-        match ev {
-            LeaseEvent::Upsert(name, read) => self.upsert(name, read),
-            LeaseEvent::Remove(name) => {
-                self.warned.remove(&name);
-                let out = self.peers.remove(&name, &self.conf, &self.own);
-                self.note(out)
-            }
-            LeaseEvent::Preview(items) => {
-                // Only gathered here; conflicts are settled by the Snapshot.
-                for (name, read) in items {
-                    if let Ok(Some(lease)) = read {
-                        self.provisional.upsert(&name, lease, &self.conf, &self.own);
-                    }
-                }
-                false
-            }
-            LeaseEvent::Snapshot(items) => {
-                self.provisional = PeerSet::default();
-                for p in &mut self.planes {
-                    p.seen = None;
-                }
-                // Current holders first, so a re-list cannot hand a subnet to a claimant.
-                let mut old = std::mem::take(&mut self.peers);
-                // Everything the old set held is in the next pass's scope, with
-                // what it held (a peer missing from the new list is removed).
-                let before: Vec<(String, Option<Lease>)> = old
-                    .take_dirty()
-                    .into_iter()
-                    .chain(
-                        old.accepted()
-                            .iter()
-                            .map(|(n, l)| (n.clone(), Some(l.clone()))),
-                    )
-                    .collect();
-                self.peers.mark_dirty(before);
-                let (mut first, rest): (Vec<_>, Vec<_>) = items.into_iter().partition(
-                    |(n, r)| matches!(r, Ok(Some(l)) if old.accepted().get(n) == Some(l)),
-                );
-                first.extend(rest);
-                self.warned.clear();
-                for (name, read) in first {
-                    self.upsert(name, read);
-                }
-                true
+        if matches!(ev, LeaseEvent::Snapshot(_)) {
+            for p in &mut self.planes {
+                p.seen = None;
             }
         }
+        self.intake.handle(ev)
     }
 
     /// Programs the peers of the initial list seen so far, additions only: no entry
@@ -244,7 +145,9 @@ impl<B: Backend> Reconciler<B> {
                     }
                 }
             }
-            let (want, _) = self.backend.desired(&self.ext, &self.provisional, v6);
+            let (want, _) = self
+                .backend
+                .desired(&self.ext, &self.intake.provisional, v6);
             let Some(seen) = self.planes[i].seen.as_mut() else {
                 continue;
             };
@@ -258,7 +161,7 @@ impl<B: Backend> Reconciler<B> {
             tracing::debug!(
                 "programmed {} entries for {} peers ahead of the complete list ({} failed)",
                 add.ops(),
-                self.provisional.len(),
+                self.intake.provisional.len(),
                 report.failed.len()
             );
         }
@@ -275,7 +178,7 @@ impl<B: Backend> Reconciler<B> {
     /// desired routes, and (through `republish`) the published lease. A pinned
     /// `--public-ip` stays what it is (select() takes it from the flag).
     async fn reselect(&mut self) {
-        let (v4, v6) = (self.conf.v4.is_some(), self.conf.v6.is_some());
+        let (v4, v6) = (self.intake.conf.v4.is_some(), self.intake.conf.v6.is_some());
         let ext = match iface::select(&self.nl, &self.flags, v4, v6).await {
             Ok(e) => e,
             Err(e) => {
@@ -307,10 +210,10 @@ impl<B: Backend> Reconciler<B> {
             ..self.req.clone()
         };
         if req != self.req {
-            self.own.public_ip = req.public_ip;
-            self.own.public_ipv6 = req.public_ipv6;
+            self.intake.own.public_ip = req.public_ip;
+            self.intake.own.public_ipv6 = req.public_ipv6;
             self.req = req.clone();
-            self.republish = Some(req);
+            self.publish.send_replace(req);
         }
         self.ext = ext;
         for p in &mut self.planes {
@@ -325,18 +228,63 @@ impl<B: Backend> Reconciler<B> {
     ///   changed since the last pass against what was applied — the cost of one
     ///   changed peer does not grow with the cluster.
     pub async fn reconcile(&mut self, full: bool) -> bool {
+        let ok = self.pass(full).await;
+        if ok {
+            self.metrics.dataplane.ok();
+        } else {
+            self.metrics.dataplane.failed(self.fail_reason.clone());
+        }
+        ok
+    }
+
+    /// A dead netlink connection (its socket failed) fails every request:
+    /// replace it, and check everything over the new one.
+    fn revive_netlink(&mut self) -> bool {
+        if self.nl.alive() {
+            return true;
+        }
+        match Netlink::connect() {
+            Ok(nl) => {
+                tracing::warn!("the netlink connection had ended; opened a new one");
+                self.metrics
+                    .task_restarts
+                    .get_or_create(&crate::metrics::TaskLabel { task: "netlink" })
+                    .inc();
+                self.nl = nl;
+                for p in &mut self.planes {
+                    p.known = false;
+                }
+                true
+            }
+            Err(e) => {
+                self.fail_reason = format!("opening a netlink socket: {e}");
+                tracing::error!("{}", self.fail_reason);
+                false
+            }
+        }
+    }
+
+    async fn pass(&mut self, full: bool) -> bool {
         let started = Instant::now();
-        let touched = self.peers.take_dirty();
+        if !self.revive_netlink() {
+            return false;
+        }
+        let touched = self.intake.peers.take_dirty();
         let mut full = full || !self.applied_known();
         if full {
             self.reselect().await;
-            match self.backend.configure(&self.nl, &self.ext, &self.own).await {
+            match self
+                .backend
+                .configure(&self.nl, &self.ext, &self.intake.own)
+                .await
+            {
                 Ok(true) => {
                     tracing::warn!("the flannel device was re-created; re-programming all peers");
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::error!("repairing the backend device: {e:#}");
+                    self.fail_reason = format!("repairing the backend device: {e:#}");
+                    tracing::error!("{}", self.fail_reason);
                     for p in &mut self.planes {
                         p.known = false;
                     }
@@ -353,48 +301,43 @@ impl<B: Backend> Reconciler<B> {
                 self.scoped_plane(i, &touched, started).await
             };
         }
-        self.metrics.peers.set(self.peers.len() as i64);
+        self.metrics.peers.set(self.intake.peers.len() as i64);
         self.metrics.observe_reconcile(full, started.elapsed());
         if ok {
-            if let Some(since) = self.pending_since.take() {
+            if let Some(since) = self.intake.pending_since.take() {
                 self.metrics
                     .event_to_kernel
                     .observe(since.elapsed().as_secs_f64());
             }
         }
-        self.publish_refused();
+        self.intake.publish_refused();
         ok
-    }
-
-    /// Refusals still standing: a refused lease until its peer is accepted or
-    /// gone, a peer the backend cannot serve while it is accepted.
-    fn publish_refused(&mut self) {
-        let accepted = self.peers.accepted();
-        self.refused
-            .retain(|(name, _), reason| (*reason == "unroutable") == accepted.contains_key(name));
-        self.metrics.set_refused(self.refused.values());
     }
 
     /// One peer's entries in one family; a peer the backend cannot serve is
     /// warned about once and owns nothing.
     fn peer_entries(&mut self, name: &str, v6: bool) -> Option<PeerEntries> {
-        let lease = self.peers.accepted().get(name)?;
+        let lease = self.intake.peers.accepted().get(name)?;
         match self.backend.entries(&self.ext, lease, v6) {
             Ok(e) => {
-                self.refused.remove(&(name.to_string(), v6));
+                let k = (name.to_string(), v6);
+                if self.intake.refused.get(&k) == Some(&"unroutable") {
+                    self.intake.refused.remove(&k);
+                }
                 e
             }
             Err(why) => {
-                self.refused.insert((name.to_string(), v6), "unroutable");
+                self.intake
+                    .refused
+                    .insert((name.to_string(), v6), "unroutable");
                 let key = if v6 {
                     format!("{name} (IPv6)")
                 } else {
                     name.to_string()
                 };
-                if self.warned.get(&key) != Some(&why) {
-                    tracing::warn!("not routing to peer {key}: {why}");
-                    self.warned.insert(key, why);
-                }
+                self.intake.warn_once(&key.clone(), why, |w| {
+                    tracing::warn!("not routing to peer {key}: {w}")
+                });
                 None
             }
         }
@@ -404,7 +347,7 @@ impl<B: Backend> Reconciler<B> {
     async fn full_plane(&mut self, i: usize, started: Instant) -> bool {
         let (v6, scope) = (self.planes[i].v6, self.planes[i].scope);
         let devices = self.backend.devices(&self.ext, v6);
-        let names: Vec<String> = self.peers.accepted().keys().cloned().collect();
+        let names: Vec<String> = self.intake.peers.accepted().keys().cloned().collect();
         let mut want = State::default();
         for name in names {
             if let Some(e) = self.peer_entries(&name, v6) {
@@ -425,7 +368,9 @@ impl<B: Backend> Reconciler<B> {
         let have = match self.nl.observe(devices, scope).await {
             Ok(o) => o,
             Err(e) => {
-                tracing::error!("reading the kernel's {} state: {e}", self.planes[i].name());
+                self.fail_reason =
+                    format!("reading the kernel's {} state: {e}", self.planes[i].name());
+                tracing::error!("{}", self.fail_reason);
                 self.planes[i].known = false;
                 return false;
             }
@@ -500,6 +445,13 @@ impl<B: Backend> Reconciler<B> {
         for e in report.failed.iter().take(5) {
             tracing::warn!("{e}");
         }
+        if let Some(e) = report.failed.first() {
+            self.fail_reason = format!(
+                "{} of {} kernel changes failed, e.g. {e}",
+                report.failed.len(),
+                d.ops()
+            );
+        }
         if report.failed.len() > 5 {
             tracing::warn!("... and {} more netlink errors", report.failed.len() - 5);
         }
@@ -508,7 +460,7 @@ impl<B: Backend> Reconciler<B> {
         }
         tracing::info!(
             "programmed {} peers ({}): {} changes ({} routes, {} neighbours, {} fdb) in {:?}{}",
-            self.peers.len(),
+            self.intake.peers.len(),
             self.planes[i].name(),
             d.ops(),
             d.routes.set.len() + d.routes.del.len(),
@@ -528,56 +480,4 @@ pub fn release_freed_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-/// Watches netlink and kicks a full check when the kernel deviates from what we
-/// want. If the subscription ends (e.g. its socket overflowed), it is renewed and
-/// a full check is kicked, since events may have been lost.
-pub fn spawn_drift_monitor(
-    watched: Arc<std::sync::RwLock<Watched>>,
-    v6: bool,
-    kick: mpsc::Sender<()>,
-) -> anyhow::Result<()> {
-    use rtnetlink::MulticastGroup as G;
-    let mut groups = vec![G::Link, G::Neigh, G::Ipv4Route, G::Ipv4Ifaddr];
-    if v6 {
-        groups.extend([G::Ipv6Route, G::Ipv6Ifaddr]);
-    }
-    let subscribe = move || rtnetlink::new_multicast_connection(&groups);
-    let (conn, _handle, mut msgs) = subscribe().context("subscribing to netlink events")?;
-    let mut conn_task = tokio::spawn(conn);
-    tokio::spawn(async move {
-        loop {
-            while let Some((m, _)) = msgs.next().await {
-                let NetlinkPayload::InnerMessage(msg) = m.payload else {
-                    continue;
-                };
-                let drift = {
-                    let w = watched.read().unwrap_or_else(|e| e.into_inner());
-                    w.planes
-                        .iter()
-                        .any(|(want, dev, scope)| deviates(&msg, want, *dev, *scope))
-                };
-                if drift && kick.try_send(()).is_err() && kick.is_closed() {
-                    return;
-                }
-            }
-            conn_task.abort();
-            tracing::warn!(
-                "the netlink event subscription ended; renewing it and re-checking the kernel"
-            );
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            match subscribe() {
-                Ok((c, _h, m)) => {
-                    conn_task = tokio::spawn(c);
-                    msgs = m;
-                }
-                Err(e) => tracing::error!("renewing the netlink subscription: {e}"),
-            }
-            if kick.send(()).await.is_err() {
-                return;
-            }
-        }
-    });
-    Ok(())
 }
