@@ -171,11 +171,37 @@ pub fn main(argv0: &str, args: &[String]) -> i32 {
         // Upstream goes on without the file (its options then come from the environment).
         Err(e) => eprintln!("{argv0}: warning: {}: {e}", o.flannel_env.display()),
     }
-    if let Err(e) = std::fs::write(&o.docker_env, render(&o, &vars)) {
+    if let Err(e) = write_atomic(std::path::Path::new(&o.docker_env), &render(&o, &vars)) {
         eprintln!("{argv0}: writing {}: {e}", o.docker_env.display());
         return 1;
     }
     0
+}
+
+/// Writes `text` to `path` through a temporary file in the same directory and
+/// a rename, so a reader (docker's EnvironmentFile) sees the old file or the
+/// new one, never a partial one.
+pub fn write_atomic(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let r = (|| {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
 }
 
 #[cfg(test)]
@@ -221,5 +247,57 @@ mod tests {
             render(&o, &vars),
             "DOCKER_OPTS=\" --bip=10.1.2.1/24 --mtu=1450 \"\n"
         );
+    }
+
+    #[test]
+    fn a_reader_never_sees_a_partial_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = dir.path().join("subnet.env");
+        std::fs::write(
+            &env,
+            "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
+        )
+        .unwrap();
+        let out = dir.path().join("docker_opts.env");
+        // Two outputs of different lengths, alternately.
+        let argv = |n: u32| -> Vec<String> {
+            let mut a = vec!["-f", env.to_str().unwrap(), "-d", out.to_str().unwrap()];
+            if n % 2 == 1 {
+                a.push("-c");
+            }
+            a.iter().map(|s| s.to_string()).collect()
+        };
+        assert_eq!(main("mk-docker-opts.sh", &argv(0)), 0);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (out, stop) = (out.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut bad = 0;
+                let mut reads = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && reads < 200_000 {
+                    reads += 1;
+                    match std::fs::read_to_string(&out) {
+                        Ok(t) if t.ends_with('\n') && t.contains("--mtu=1450") => {}
+                        _ => bad += 1,
+                    }
+                }
+                bad
+            })
+        };
+        for n in 0..2000 {
+            assert_eq!(main("mk-docker-opts.sh", &argv(n)), 0);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            reader.join().unwrap(),
+            0,
+            "a reader saw a missing or partial file"
+        );
+        // No temporary file is left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 }

@@ -351,11 +351,17 @@ impl PeerSet {
         for n in subnets(lease) {
             let (lo, hi) = subnet::range(&n);
             let v6 = n.is_ipv6();
-            // The accepted subnet starting last at or before our end is the only candidate.
-            if let Some((&(_, start), (end, other))) =
-                self.by_subnet.range((v6, 0)..=(v6, hi)).next_back()
+            // Other peers' accepted subnets never overlap one another, so the one
+            // starting last at or before our end is their only candidate; this
+            // peer's own current subnet (which a changed lease may overlap, or
+            // start after) is passed over.
+            if let Some((&(_, start), (end, other))) = self
+                .by_subnet
+                .range((v6, 0)..=(v6, hi))
+                .rev()
+                .find(|(_, (_, o))| o != name)
             {
-                if *end >= lo && other != name {
+                if *end >= lo {
                     let held = self.accepted.get(other).and_then(|l| {
                         subnets(l).find(|s| s.is_ipv6() == v6 && subnet::range(s).0 == start)
                     });
@@ -624,6 +630,45 @@ mod tests {
         assert!(out.changed);
         assert!(set.accepted().contains_key("evil"));
         assert_eq!(set.len(), 1);
+    }
+
+    #[test]
+    fn a_peer_widening_its_own_subnet_cannot_cover_another() {
+        let mut s = PeerSet::default();
+        let (c, o) = (conf(), own());
+        s.upsert(
+            "a",
+            lease("10.244.4.0/24", "198.18.0.4", "52:00:00:00:00:04"),
+            &c,
+            &o,
+        );
+        s.upsert(
+            "b",
+            lease("10.244.5.0/24", "198.18.0.5", "52:00:00:00:00:05"),
+            &c,
+            &o,
+        );
+        // b's own /24 starts last below the new /23's end: a's must still be seen.
+        let out = s.upsert(
+            "b",
+            lease("10.244.4.0/23", "198.18.0.5", "52:00:00:00:00:05"),
+            &c,
+            &o,
+        );
+        assert!(
+            matches!(out.refused.as_slice(), [(n, Refusal::Conflict { .. })] if n == "b"),
+            "{out:?}"
+        );
+        assert_eq!(s.accepted().len(), 1);
+        assert!(s.accepted().contains_key("a"));
+        // Narrowing (or keeping) its own subnet is no conflict with itself.
+        let out = s.upsert(
+            "a",
+            lease("10.244.4.0/25", "198.18.0.4", "52:00:00:00:00:04"),
+            &c,
+            &o,
+        );
+        assert!(out.refused.is_empty() && out.changed, "{out:?}");
     }
 
     #[test]

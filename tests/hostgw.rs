@@ -34,7 +34,7 @@ fn want_routes(node: u32, subnets: &[(u32, String)]) -> Vec<String> {
     let mut v: Vec<String> = subnets
         .iter()
         .filter(|(n, _)| *n != node)
-        .map(|(n, s)| format!("{s} via 198.18.0.{} dev eth0", 10 + n))
+        .map(|(n, s)| format!("{s} via 198.18.0.{} dev eth0 proto 70", 10 + n))
         .collect();
     v.sort();
     v
@@ -199,7 +199,7 @@ fn vxlan_direct_routing() {
     }
     assert_eq!(
         underlay_routes(&lab, 1),
-        vec!["10.244.1.0/24 via 198.18.0.12".to_string()]
+        vec!["10.244.1.0/24 via 198.18.0.12 proto 70".to_string()]
     );
     mesh(&lab, 2);
 }

@@ -168,7 +168,9 @@ fn dual_stack_vxlan_has_upstreams_form_and_full_mesh() {
             let s = subnet6(p);
             let gw = s.trim_end_matches("/64");
             let mac = mac_of(&lab, p, "flannel-v6.1");
-            routes.push(format!("{s} via {gw} metric 1024 onlink pref medium"));
+            routes.push(format!(
+                "{s} via {gw} proto 70 metric 1024 onlink pref medium"
+            ));
             neighs.push(format!("{gw} lladdr {mac} PERMANENT"));
             fdb.push(format!("{mac} dst {} self permanent", node_ip6(p)));
         }
@@ -236,7 +238,13 @@ fn dual_stack_host_gw() {
     for n in 1..=3 {
         let mut want: Vec<String> = (1..=3)
             .filter(|p| *p != n)
-            .map(|p| format!("{} via {} metric 1024 pref medium", subnet6(p), node_ip6(p)))
+            .map(|p| {
+                format!(
+                    "{} via {} proto 70 metric 1024 pref medium",
+                    subnet6(p),
+                    node_ip6(p)
+                )
+            })
             .collect();
         want.sort();
         let v6routes = || -> Vec<String> {

@@ -131,7 +131,8 @@ fn three_nodes_have_upstreams_exact_state() {
         let want_routes: Vec<String> = lines(
             &peers
                 .iter()
-                .map(|p| format!("10.244.{0}.0/24 via 10.244.{0}.0 onlink\n", p - 1))
+                // Upstream's form, marked with our route protocol (what we own).
+                .map(|p| format!("10.244.{0}.0/24 via 10.244.{0}.0 proto 70 onlink\n", p - 1))
                 .collect::<String>(),
         );
         assert_eq!(lab.routes(n), want_routes);

@@ -41,6 +41,7 @@ pub fn peer_route(
             via,
             dev: Dev::Underlay,
             onlink: false,
+            adopted: false,
         },
     )))
 }

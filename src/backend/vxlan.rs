@@ -282,6 +282,7 @@ pub fn peer_entries(lease: &Lease, v6: bool) -> Option<(IpNetwork, Route, IpAddr
             via: gw,
             dev: Dev::Overlay,
             onlink: true,
+            adopted: false,
         },
         gw,
         d.vtep_mac,
@@ -412,7 +413,8 @@ mod tests {
             Route {
                 via: "10.244.2.0".parse().unwrap(),
                 dev: Dev::Overlay,
-                onlink: true
+                onlink: true,
+                adopted: false
             }
         );
         assert_eq!(
@@ -454,7 +456,8 @@ mod tests {
             Route {
                 via: "fd00:10:244:2::".parse().unwrap(),
                 dev: Dev::Overlay,
-                onlink: true
+                onlink: true,
+                adopted: false
             }
         );
         let mac6 = Mac([0x66, 0, 0, 0, 0, 2]);
@@ -488,7 +491,8 @@ mod tests {
             Route {
                 via: "198.18.0.12".parse().unwrap(),
                 dev: Dev::Underlay,
-                onlink: false
+                onlink: false,
+                adopted: false
             }
         );
         assert!(!s.neighs.contains_key(&"10.244.2.0".parse().unwrap()));

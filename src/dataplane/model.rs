@@ -29,6 +29,9 @@ pub struct Route {
     pub dev: Dev,
     /// `onlink`: the gateway is on the device even though no address says so (vxlan).
     pub onlink: bool,
+    /// Seen in the kernel under upstream's protocol (`proto boot`) and taken
+    /// over on migration; never wanted, so the diff rewrites it as ours.
+    pub adopted: bool,
 }
 
 impl Route {
@@ -43,6 +46,7 @@ impl Route {
             },
             dev: Dev::Blackhole,
             onlink: false,
+            adopted: false,
         }
     }
 }
@@ -332,6 +336,7 @@ mod tests {
             via: ip(&format!("10.244.{i}.0")),
             dev: Dev::Overlay,
             onlink: true,
+            adopted: false,
         }
     }
 
@@ -378,6 +383,7 @@ mod tests {
                 via: ip("198.18.0.2"),
                 dev: Dev::Underlay,
                 onlink: false,
+                adopted: false,
             },
         );
         let d = diff(&state(&[2]), &observed(have));

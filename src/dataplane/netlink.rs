@@ -493,8 +493,18 @@ impl Netlink {
             }))
     }
 
-    /// Reads the entries this agent owns for one address family.
-    pub async fn observe(&self, dev: Devices, scope: Scope) -> Result<Observed, NetlinkError> {
+    /// Reads the entries this agent owns for one address family. Routes are
+    /// ours by their protocol ([`ROUTE_PROTOCOL`]); an operator's route in the
+    /// same range is left alone. With `adopt` (the first full check after
+    /// start), when the kernel holds none of ours, upstream-shaped routes of
+    /// upstream's protocol are taken over too (a node migrating from upstream
+    /// flanneld: its stale peers' routes are removed, the rest rewritten as ours).
+    pub async fn observe(
+        &self,
+        dev: Devices,
+        scope: Scope,
+        adopt: bool,
+    ) -> Result<Observed, NetlinkError> {
         let v6 = scope.network.is_ipv6();
         let msg = if v6 {
             RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
@@ -502,6 +512,8 @@ impl Netlink {
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
         };
         let mut obs = Observed::default();
+        let mut upstream: Vec<(IpNetwork, Route)> = Vec::new();
+        let mut ours = 0usize;
         let mut routes = self.handle.route().get(msg).execute();
         while let Some(r) = routes.try_next().await.map_err(nlerr("dump", "routes"))? {
             if r.header.table != RouteHeader::RT_TABLE_MAIN {
@@ -545,14 +557,32 @@ impl Netlink {
                 continue;
             };
             let Some(via) = gw else { continue };
-            obs.state.routes.insert(
-                net,
-                Route {
-                    via,
-                    dev: dev_kind,
-                    onlink: r.header.flags.contains(RouteFlags::Onlink),
-                },
+            let route = Route {
+                via,
+                dev: dev_kind,
+                onlink: r.header.flags.contains(RouteFlags::Onlink),
+                adopted: false,
+            };
+            if r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL) {
+                ours += 1;
+                obs.state.routes.insert(net, route);
+            } else if adopt && r.header.protocol == RouteProtocol::Boot {
+                upstream.push((
+                    net,
+                    Route {
+                        adopted: true,
+                        ..route
+                    },
+                ));
+            }
+        }
+        if ours == 0 && !upstream.is_empty() {
+            tracing::info!(
+                "taking over {} routes of upstream's shape in {} (first start after upstream flanneld)",
+                upstream.len(),
+                scope.network
             );
+            obs.state.routes.extend(upstream);
         }
         let Some(overlay) = dev.overlay else {
             return Ok(obs);
@@ -609,8 +639,14 @@ impl Netlink {
         m.header.address_family = family(dst.ip());
         m.header.destination_prefix_length = dst.prefix();
         m.header.table = RouteHeader::RT_TABLE_MAIN;
-        // RTPROT_BOOT, as upstream (netlink.RouteReplace's default): `ip route` shows no proto.
-        m.header.protocol = RouteProtocol::Boot;
+        // Our own protocol marks our routes (upstream writes RTPROT_BOOT, which
+        // an operator's `ip route add` also gets); an adopted one is deleted
+        // under the protocol it has.
+        m.header.protocol = if r.is_some_and(|r| r.adopted) {
+            RouteProtocol::Boot
+        } else {
+            RouteProtocol::Other(ROUTE_PROTOCOL)
+        };
         m.header.scope = RouteScope::Universe;
         m.header.kind = RouteType::Unicast;
         m.attributes
@@ -762,6 +798,10 @@ fn neigh_fields(n: &NeighbourMessage) -> (Option<IpAddr>, Option<Mac>) {
     (ip, mac)
 }
 
+/// The route protocol (`ip route` shows `proto 70`) that marks a route as this
+/// agent's: routes in the Network's range without it are someone else's.
+pub const ROUTE_PROTOCOL: u8 = 70;
+
 /// The blackhole route's metric: the lowest priority there is, so it never
 /// collides with (or, being written with NLM_F_REPLACE, replaces) the bridge's
 /// connected route for the same subnet; it only decides where nothing else does.
@@ -843,9 +883,15 @@ pub fn deviates(
                 via,
                 dev: d,
                 onlink: r.header.flags.contains(RouteFlags::Onlink),
+                adopted: false,
             });
-            // A route in our range that we do not want, or one that differs from ours.
-            seen.as_ref() != wanted && (wanted.is_some() || dev_kind.is_some())
+            let mine = r.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL);
+            // One of ours that we do not want, or a wanted destination whose
+            // route differs from ours; someone else's route elsewhere is theirs.
+            match wanted {
+                Some(w) => seen.as_ref() != Some(w) || !mine,
+                None => mine && dev_kind.is_some(),
+            }
         }
         RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
             if n.header.ifindex != overlay {

@@ -1243,4 +1243,186 @@ mod tests {
             }
         }
     }
+
+    #[tokio::test]
+    async fn a_cut_tls_handshake_is_transient() {
+        // What a client sees while etcd restarts behind a TLS port: the
+        // connection is accepted and closed mid-handshake.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            for _ in 0..50 {
+                if let Ok((s, _)) = l.accept().await {
+                    drop(s);
+                }
+            }
+        });
+        let opts = ConnectOptions::new()
+            .with_tls(TlsOptions::new())
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(2));
+        let r = async {
+            let mut c = Client::connect([format!("https://127.0.0.1:{port}")], Some(opts)).await?;
+            c.status().await?;
+            Ok::<_, etcd_client::Error>(())
+        };
+        let e = tokio::time::timeout(Duration::from_secs(10), r)
+            .await
+            .expect("bounded")
+            .unwrap_err();
+        server.abort();
+        assert!(!fatal(&e), "a cut handshake was taken as fatal: {e:?}");
+        assert!(fatal_transport("invalid peer certificate: UnknownIssuer"));
+        assert!(fatal_transport("received fatal alert: BadCertificate"));
+    }
+
+    /// A real etcd on loopback (Debian's etcd-server), ended when dropped.
+    struct Etcd {
+        child: std::process::Child,
+        url: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for Etcd {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    async fn etcd(extra: &[&str]) -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (cp, pp) = (free(), free());
+        let url = format!("http://127.0.0.1:{cp}");
+        let peer = format!("http://127.0.0.1:{pp}");
+        let child = std::process::Command::new("etcd")
+            .args(["--data-dir", dir.path().to_str().unwrap()])
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("etcd (Debian's etcd-server, installed by scripts/install-deps.sh)");
+        let e = Etcd {
+            child,
+            url,
+            _dir: dir,
+        };
+        for _ in 0..100 {
+            if let Ok(mut c) = Client::connect([e.url.clone()], None).await {
+                if c.status().await.is_ok() {
+                    return e;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("etcd did not start");
+    }
+
+    fn settings(url: &str) -> EtcdSettings {
+        EtcdSettings {
+            endpoints: vec![url.to_string()],
+            prefix: "/coreos.com/network".into(),
+            keyfile: String::new(),
+            certfile: String::new(),
+            cafile: String::new(),
+            username: String::new(),
+            password: String::new(),
+            subnet_file: std::path::PathBuf::from("/nonexistent/subnet.env"),
+            renew_margin: Duration::from_secs(60),
+            lease_ttl: Duration::from_secs(3600),
+        }
+    }
+
+    fn request(ip: &str) -> LeaseRequest {
+        LeaseRequest {
+            public_ip: Some(ip.parse().unwrap()),
+            public_ipv6: None,
+            data: BackendData::Vxlan(VxlanData {
+                vni: 1,
+                vtep_mac: "52:82:d5:a1:90:4d".parse().unwrap(),
+            }),
+            data_v6: None,
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "needs etcd (scripts/install-deps.sh installs it); scripts/test.sh runs it as root"]
+    async fn a_failed_create_leaves_no_etcd_lease_behind() {
+        let e = etcd(&["--max-request-bytes", "2048"]).await;
+        let m = EtcdManager::new(settings(&e.url), Arc::new(Metrics::default()))
+            .await
+            .unwrap();
+        // The transaction fails (too large for this etcd) after the grant.
+        let r = m.create("10.244.1.0-24", &"x".repeat(4096)).await;
+        assert!(r.is_err(), "{r:?}");
+        let mut c = Client::connect([e.url.clone()], None).await.unwrap();
+        let leases = c.leases().await.unwrap();
+        assert!(leases.leases().is_empty(), "leaked: {:?}", leases.leases());
+    }
+
+    #[tokio::test]
+    #[ignore = "needs etcd (scripts/install-deps.sh installs it); scripts/test.sh runs it as root"]
+    async fn publishing_after_our_etcd_lease_expired_takes_a_new_one() {
+        let e = etcd(&[]).await;
+        let m = Arc::new(
+            EtcdManager::new(settings(&e.url), Arc::new(Metrics::default()))
+                .await
+                .unwrap(),
+        );
+        let mut c = Client::connect([e.url.clone()], None).await.unwrap();
+        c.put(
+            "/coreos.com/network/config",
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#,
+            None,
+        )
+        .await
+        .unwrap();
+        let conf = m.network_config().await.unwrap();
+        let own = m.acquire(&conf, &request("198.18.0.11")).await.unwrap();
+        let held = m.own().unwrap();
+        // Gone behind the agent's back (expired while etcd was unreachable).
+        c.lease_revoke(held.lease_id).await.unwrap();
+        let (tx, rx) = watch::channel(request("198.18.0.11"));
+        let keeper = {
+            let (m, conf, own) = (m.clone(), conf.clone(), own.clone());
+            tokio::spawn(async move { m.keep_alive(&conf, &own, rx).await })
+        };
+        tx.send_replace(request("198.18.0.31"));
+        let mut published = None;
+        for _ in 0..100 {
+            let r = c.get(held.key.clone(), None).await.unwrap();
+            if let Some(kv) = r.kvs().first() {
+                if kv.value_str().unwrap().contains("198.18.0.31") && kv.lease() != 0 {
+                    published = Some(kv.lease());
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        keeper.abort();
+        let lease = published.expect("the new address was never published");
+        assert_ne!(lease, held.lease_id);
+        let ttl = c.lease_time_to_live(lease, None).await.unwrap();
+        assert!(ttl.ttl() > 0, "published on a dead lease");
+    }
 }

@@ -289,6 +289,19 @@ impl KubeManager {
         conf: &NetConf,
     ) -> anyhow::Result<(Option<IpNetwork>, Option<IpNetwork>)> {
         let lite: Api<NodeLite> = Api::all(self.client());
+        // A registered Node that has its podCIDRs needs no watch: one GET (and
+        // only `get` on nodes) does. Any error here is left to the watch below.
+        if let Ok(Some(n)) = lite.get_opt(&self.node_name).await {
+            let spec = n.spec.unwrap_or_default();
+            if let Ok((v4, v6)) = pod_cidrs(
+                spec.pod_cidr.as_deref(),
+                spec.pod_cidrs.as_deref().unwrap_or(&[]),
+            ) {
+                if (conf.v4.is_none() || v4.is_some()) && (conf.v6.is_none() || v6.is_some()) {
+                    return Ok((v4, v6));
+                }
+            }
+        }
         let cfg = watcher::Config::default()
             .fields(&format!("metadata.name={}", self.node_name))
             .timeout(WATCH_TIMEOUT_S);

@@ -41,6 +41,9 @@ pub struct Plane {
     /// Before the first complete peer list: what the kernel holds, as far as
     /// additions ahead of the list are concerned.
     seen: Option<State>,
+    /// Until the first successful full check: upstream-shaped routes may be
+    /// taken over (see [`Netlink::observe`]).
+    adopt: bool,
 }
 
 impl Plane {
@@ -87,6 +90,7 @@ pub fn planes(conf: &NetConf, own: &Lease, blackhole: bool) -> Vec<Plane> {
             tracker: Tracker::default(),
             known: false,
             seen: None,
+            adopt: true,
         })
         .collect()
 }
@@ -137,7 +141,7 @@ impl<B: Backend> Reconciler<B> {
             let (v6, scope) = (self.planes[i].v6, self.planes[i].scope);
             let devices = self.backend.devices(&self.ext, v6);
             if self.planes[i].seen.is_none() {
-                match self.nl.observe(devices, scope).await {
+                match self.nl.observe(devices, scope, self.planes[i].adopt).await {
                     Ok(o) => self.planes[i].seen = Some(o.state),
                     Err(e) => {
                         tracing::debug!("not programming ahead of the list: {e}");
@@ -365,7 +369,7 @@ impl<B: Backend> Reconciler<B> {
                 w.planes[i] = (want.clone(), devices, scope);
             }
         }
-        let have = match self.nl.observe(devices, scope).await {
+        let have = match self.nl.observe(devices, scope, self.planes[i].adopt).await {
             Ok(o) => o,
             Err(e) => {
                 self.fail_reason =
@@ -379,6 +383,7 @@ impl<B: Backend> Reconciler<B> {
         let ok = self.apply(i, &d, devices, started, true).await;
         if ok {
             self.planes[i].tracker.reset(want);
+            self.planes[i].adopt = false;
         }
         self.planes[i].known = ok;
         ok
