@@ -19,11 +19,13 @@ rc=0
 for t in "${targets[@]}"; do
   mkdir -p "corpus/$t"
   log=$(mktemp)
-  if timeout $((secs + 60)) cargo fuzz run -s none -O "$t" "corpus/$t" -- \
+  if timeout $((secs + 600)) cargo fuzz run -s none -O "$t" "corpus/$t" -- \
       -max_total_time="$secs" -max_len=4096 -print_final_stats=1 >"$log" 2>&1; then
     res=ok
-  else
+  elif ls "artifacts/$t"/crash-* >/dev/null 2>&1; then
     res=CRASH; rc=1
+  else
+    res=FAILED; rc=1
   fi
   execs=$(grep -a -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
   echo "fuzz $t: $res, $execs executions in ${secs}s"

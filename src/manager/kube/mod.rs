@@ -1,8 +1,8 @@
 //! The Kubernetes subnet manager (`--kube-subnet-mgr`): the lease is the Node's
 //! `spec.podCIDR`, published through `flannel.alpha.coreos.com/*` annotations on
 //! the Node's status subresource; peers come from a watch over all Nodes.
+//! `codec` holds the wire format (what a Node says, read without trusting it).
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
@@ -12,17 +12,15 @@ use anyhow::{bail, Context};
 use futures::StreamExt;
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Config};
-use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use super::{LeaseEvent, LeaseRequest, PeerRead, SubnetManager};
 use crate::config::netconf::NetConf;
-use crate::lease::{BackendData, Lease};
+use crate::lease::Lease;
 use crate::metrics::Metrics;
 use crate::retry::{self, Backoff, Throttle};
 
@@ -35,159 +33,9 @@ const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(75);
 /// Initial-list items per [`LeaseEvent::Preview`] (the list's page size).
 const PREVIEW_BATCH: usize = 500;
 
-/// Annotation names (after the prefix).
-pub mod names {
-    pub const SUBNET_MANAGER: &str = "kube-subnet-manager";
-    pub const BACKEND_TYPE: &str = "backend-type";
-    pub const BACKEND_DATA: &str = "backend-data";
-    pub const BACKEND_V6_DATA: &str = "backend-v6-data";
-    pub const PUBLIC_IP: &str = "public-ip";
-    pub const PUBLIC_IPV6: &str = "public-ipv6";
-    pub const PUBLIC_IP_OVERWRITE: &str = "public-ip-overwrite";
-    pub const PUBLIC_IPV6_OVERWRITE: &str = "public-ipv6-overwrite";
-}
+mod codec;
 
-/// Only the parts of a Node a flanneld reads; the rest of the object (status,
-/// images, conditions) is skipped while decoding.
-#[derive(Debug, Clone, Deserialize, Default)]
-pub struct NodeLite {
-    #[serde(deserialize_with = "meta_lite")]
-    pub metadata: ObjectMeta,
-    #[serde(default)]
-    pub spec: Option<NodeSpecLite>,
-}
-
-#[derive(Debug, Clone, Deserialize, Default)]
-pub struct NodeSpecLite {
-    #[serde(default, rename = "podCIDR")]
-    pub pod_cidr: Option<String>,
-    #[serde(default, rename = "podCIDRs")]
-    pub pod_cidrs: Option<Vec<String>>,
-}
-
-impl kube::Resource for NodeLite {
-    type DynamicType = ();
-    type Scope = k8s_openapi::ClusterResourceScope;
-    fn kind(_: &()) -> Cow<'_, str> {
-        "Node".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        "".into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "nodes".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
-
-/// Decodes only the metadata fields flanneld reads; `managedFields`, labels and
-/// the rest are skipped by the parser instead of being built and dropped.
-fn meta_lite<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct MetaLite {
-        name: Option<String>,
-        resource_version: Option<String>,
-        creation_timestamp: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
-        annotations: Option<BTreeMap<String, String>>,
-    }
-    let m = MetaLite::deserialize(d)?;
-    Ok(ObjectMeta {
-        name: m.name,
-        resource_version: m.resource_version,
-        creation_timestamp: m.creation_timestamp,
-        annotations: m.annotations,
-        ..Default::default()
-    })
-}
-
-/// The pod CIDRs of a node, per family.
-pub fn pod_cidrs(
-    pod_cidr: Option<&str>,
-    pod_cidrs: &[String],
-) -> Result<(Option<IpNetwork>, Option<IpNetwork>), String> {
-    let mut v4 = None;
-    let mut v6 = None;
-    for s in pod_cidr
-        .into_iter()
-        .chain(pod_cidrs.iter().map(String::as_str))
-    {
-        let n: IpNetwork = s
-            .parse()
-            .map_err(|_| format!("podCIDR {s:?} is not a CIDR"))?;
-        let slot = if n.is_ipv4() { &mut v4 } else { &mut v6 };
-        if slot.is_none() {
-            *slot = Some(n);
-        }
-    }
-    Ok((v4, v6))
-}
-
-/// Reads a peer's lease from its annotations and podCIDRs (pure; hostile input safe).
-pub fn lease_from_node(
-    prefix: &str,
-    annotations: &BTreeMap<String, String>,
-    pod_cidr: Option<&str>,
-    pod_cidrs_list: &[String],
-) -> PeerRead {
-    let get = |n: &str| annotations.get(&format!("{prefix}{n}")).map(String::as_str);
-    if get(names::SUBNET_MANAGER) != Some("true") {
-        return Ok(None);
-    }
-    let ty = get(names::BACKEND_TYPE).ok_or("no backend-type annotation")?;
-    let (v4, v6) = pod_cidrs(pod_cidr, pod_cidrs_list)?;
-    if v4.is_none() && v6.is_none() {
-        return Err("no podCIDR".into());
-    }
-    let mut lease = Lease {
-        subnet: None,
-        ipv6_subnet: None,
-        public_ip: None,
-        public_ipv6: None,
-        backend: BackendData::HostGw,
-        backend_v6: None,
-    };
-    if let Some(n) =
-        v4.filter(|_| get(names::BACKEND_DATA).is_some() || get(names::PUBLIC_IP).is_some())
-    {
-        let data = get(names::BACKEND_DATA).ok_or("no backend-data annotation")?;
-        lease.backend = BackendData::parse(ty, data)?;
-        let ip = get(names::PUBLIC_IP).ok_or("no public-ip annotation")?;
-        lease.public_ip = Some(
-            ip.parse::<Ipv4Addr>()
-                .map_err(|_| format!("public-ip {ip:?} is not an IPv4 address"))?,
-        );
-        lease.subnet = Some(n);
-    }
-    if let Some(n) =
-        v6.filter(|_| get(names::BACKEND_V6_DATA).is_some() || get(names::PUBLIC_IPV6).is_some())
-    {
-        let data = get(names::BACKEND_V6_DATA).ok_or("no backend-v6-data annotation")?;
-        let d = BackendData::parse(ty, data)?;
-        let ip = get(names::PUBLIC_IPV6).ok_or("no public-ipv6 annotation")?;
-        lease.public_ipv6 = Some(
-            ip.parse::<Ipv6Addr>()
-                .map_err(|_| format!("public-ipv6 {ip:?} is not an IPv6 address"))?,
-        );
-        lease.ipv6_subnet = Some(n);
-        if lease.subnet.is_none() {
-            lease.backend = d;
-        }
-        lease.backend_v6 = Some(d);
-    }
-    if lease.subnet.is_none() && lease.ipv6_subnet.is_none() {
-        return Err("no backend-data / public-ip annotations for its podCIDR".into());
-    }
-    Ok(Some(lease))
-}
+pub use codec::{lease_from_node, names, pod_cidrs, NodeLite, NodeSpecLite};
 
 pub struct KubeManager {
     /// Replaced when the node's address changes: connections from the old
@@ -775,159 +623,4 @@ impl SubnetManager for KubeManager {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const P: &str = "flannel.alpha.coreos.com/";
-
-    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (format!("{P}{k}"), v.to_string()))
-            .collect()
-    }
-
-    fn good() -> BTreeMap<String, String> {
-        ann(&[
-            ("kube-subnet-manager", "true"),
-            ("backend-type", "vxlan"),
-            ("backend-data", r#"{"VNI":1,"VtepMAC":"82:cd:b6:82:3c:70"}"#),
-            ("public-ip", "198.18.0.12"),
-        ])
-    }
-
-    #[test]
-    fn reads_a_running_flanneld_node() {
-        let l = lease_from_node(P, &good(), Some("10.244.2.0/24"), &[])
-            .unwrap()
-            .unwrap();
-        assert_eq!(l.subnet.unwrap().to_string(), "10.244.2.0/24");
-        assert_eq!(l.public_ip.unwrap().to_string(), "198.18.0.12");
-        assert_eq!(
-            l.backend.to_json(),
-            r#"{"VNI":1,"VtepMAC":"82:cd:b6:82:3c:70"}"#
-        );
-    }
-
-    #[test]
-    fn non_flannel_nodes_are_not_peers() {
-        assert_eq!(
-            lease_from_node(P, &BTreeMap::new(), Some("10.244.2.0/24"), &[]),
-            Ok(None)
-        );
-        let mut a = good();
-        a.insert(format!("{P}kube-subnet-manager"), "false".into());
-        assert_eq!(lease_from_node(P, &a, Some("10.244.2.0/24"), &[]), Ok(None));
-    }
-
-    #[test]
-    fn broken_annotations_are_errors_not_panics() {
-        assert!(lease_from_node(P, &good(), None, &[]).is_err());
-        assert!(lease_from_node(P, &good(), Some("nope"), &[]).is_err());
-        for (k, v) in [
-            ("backend-data", "{"),
-            ("backend-data", r#"{"VNI":1,"VtepMAC":"nope"}"#),
-            ("public-ip", "999.1.1.1"),
-            ("public-ip", "fd00::1"),
-            ("backend-type", "udp"),
-        ] {
-            let mut a = good();
-            a.insert(format!("{P}{k}"), v.into());
-            assert!(
-                lease_from_node(P, &a, Some("10.244.2.0/24"), &[]).is_err(),
-                "{k}={v}"
-            );
-        }
-    }
-
-    #[test]
-    fn node_lite_reads_api_json() {
-        let n: NodeLite = serde_json::from_str(
-            r#"{"metadata":{"name":"node2","annotations":{"a":"b"},"managedFields":[{"manager":"kubectl","fieldsV1":{"f:spec":{}}}],"resourceVersion":"7"},"spec":{"podCIDR":"10.244.1.0/24","podCIDRs":["10.244.1.0/24"]},"status":{"images":[]}}"#,
-        )
-        .unwrap();
-        assert_eq!(n.metadata.name.as_deref(), Some("node2"));
-        assert_eq!(n.metadata.annotations.as_ref().unwrap()["a"], "b");
-        let spec = n.spec.unwrap();
-        assert_eq!(spec.pod_cidr.as_deref(), Some("10.244.1.0/24"));
-        assert_eq!(spec.pod_cidrs.unwrap().len(), 1);
-    }
-
-    #[test]
-    fn dual_stack_pod_cidrs() {
-        let (v4, v6) = pod_cidrs(
-            Some("10.244.2.0/24"),
-            &["10.244.2.0/24".into(), "fd00:10:244:2::/64".into()],
-        )
-        .unwrap();
-        assert_eq!(v4.unwrap().to_string(), "10.244.2.0/24");
-        assert_eq!(v6.unwrap().to_string(), "fd00:10:244:2::/64");
-    }
-
-    #[test]
-    fn dual_stack_and_ipv6_only_nodes() {
-        let v6 = [
-            (
-                "backend-v6-data",
-                r#"{"VNI":1,"VtepMAC":"66:cd:b6:82:3c:71"}"#,
-            ),
-            ("public-ipv6", "fd00:198:18::12"),
-        ];
-        let mut a = good();
-        a.extend(ann(&v6));
-        let cidrs = [
-            "10.244.2.0/24".to_string(),
-            "fd00:10:244:2::/64".to_string(),
-        ];
-        let l = lease_from_node(P, &a, Some("10.244.2.0/24"), &cidrs)
-            .unwrap()
-            .unwrap();
-        assert_eq!(l.ipv6_subnet.unwrap().to_string(), "fd00:10:244:2::/64");
-        assert_eq!(l.public_ipv6.unwrap().to_string(), "fd00:198:18::12");
-        assert_eq!(
-            l.backend_v6.unwrap().to_json(),
-            r#"{"VNI":1,"VtepMAC":"66:cd:b6:82:3c:71"}"#
-        );
-        assert_eq!(
-            l.backend.to_json(),
-            r#"{"VNI":1,"VtepMAC":"82:cd:b6:82:3c:70"}"#
-        );
-
-        // IPv6 only: no IPv4 annotations at all, as upstream writes them.
-        let mut only = ann(&[("kube-subnet-manager", "true"), ("backend-type", "vxlan")]);
-        only.extend(ann(&v6));
-        let l = lease_from_node(P, &only, Some("fd00:10:244:2::/64"), &cidrs[1..])
-            .unwrap()
-            .unwrap();
-        assert_eq!((l.subnet, l.public_ip), (None, None));
-        assert_eq!(Some(l.backend), l.backend_v6);
-
-        // Broken IPv6 annotations are errors, not panics.
-        for (k, v) in [
-            ("public-ipv6", "198.18.0.12"),
-            ("public-ipv6", "fd00::zz"),
-            ("backend-v6-data", "[]"),
-        ] {
-            let mut b = only.clone();
-            b.insert(format!("{P}{k}"), v.into());
-            assert!(
-                lease_from_node(P, &b, Some("fd00:10:244:2::/64"), &cidrs[1..]).is_err(),
-                "{k}={v}"
-            );
-        }
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn accepted_leases_carry_the_nodes_cidr_and_address(data in ".{0,80}", ip in ".{0,20}", cidr in "[0-9./:a-f]{0,20}", ty in "(vxlan|host-gw|.{0,5})") {
-            let a = ann(&[("kube-subnet-manager", "true"), ("backend-type", &ty), ("backend-data", &data), ("public-ip", &ip)]);
-            // Accepted only with the Node's own podCIDR and the annotated address.
-            if let Ok(Some(l)) = lease_from_node(P, &a, Some(&cidr), std::slice::from_ref(&cidr)) {
-                let n: IpNetwork = cidr.parse().unwrap();
-                proptest::prop_assert_eq!(l.subnet.map(|s| (s.ip(), s.prefix())), Some((n.network(), n.prefix())));
-                proptest::prop_assert_eq!(l.public_ip.map(|p| p.to_string()), Some(ip.clone()));
-                proptest::prop_assert!(ty == "vxlan" || ty == "host-gw");
-            }
-        }
-    }
-}
+mod tests;
