@@ -915,3 +915,29 @@ pub fn deviates(
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection whose task ended (as when its socket fails) is seen as dead,
+    /// fails requests, and a new one serves them: what the reconciler's
+    /// `revive_netlink` relies on before every pass. Reads links only.
+    #[tokio::test]
+    async fn a_dead_connection_is_seen_and_a_new_one_works() {
+        let nl = Netlink::connect().unwrap();
+        assert!(nl.alive());
+        assert!(!nl.links().await.unwrap().is_empty());
+        nl.break_connection();
+        tokio::task::yield_now().await;
+        assert!(!nl.alive(), "an ended connection still looks alive");
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), nl.links()).await;
+        assert!(
+            matches!(r, Ok(Err(_))),
+            "a request on a dead connection did not fail"
+        );
+        let fresh = Netlink::connect().unwrap();
+        assert!(fresh.alive());
+        assert!(!fresh.links().await.unwrap().is_empty());
+    }
+}

@@ -13,7 +13,7 @@ use crate::config::flags::Flags;
 use crate::config::netconf::NetConf;
 use crate::dataplane::model::{diff, Diff, PeerChange, PeerEntries, State, Tracker};
 use crate::dataplane::netlink::{Devices, Netlink, Scope};
-use crate::iface::{self, ExternalInterface};
+use crate::iface::ExternalInterface;
 use crate::lease::Lease;
 use crate::manager::{LeaseEvent, LeaseRequest};
 use crate::metrics::Metrics;
@@ -96,6 +96,7 @@ pub fn planes(conf: &NetConf, own: &Lease, blackhole: bool) -> Vec<Plane> {
 }
 pub mod drift;
 pub mod intake;
+mod reselect;
 pub mod schedule;
 
 pub use drift::follow_netlink;
@@ -175,54 +176,6 @@ impl<B: Backend> Reconciler<B> {
     /// against what was applied instead of a kernel dump).
     pub fn applied_known(&self) -> bool {
         self.planes.iter().all(|p| p.known)
-    }
-
-    /// On a full check: has the selected interface (or its address) changed?
-    /// Then everything follows the new one: the VXLAN device's `local`, the
-    /// desired routes, and (through `republish`) the published lease. A pinned
-    /// `--public-ip` stays what it is (select() takes it from the flag).
-    async fn reselect(&mut self) {
-        let (v4, v6) = (self.intake.conf.v4.is_some(), self.intake.conf.v6.is_some());
-        let ext = match iface::select(&self.nl, &self.flags, v4, v6).await {
-            Ok(e) => e,
-            Err(e) => {
-                // E.g. between an address's removal and its successor's arrival:
-                // keep the old selection; the next event brings another check.
-                tracing::debug!("re-selecting the interface: {e}");
-                return;
-            }
-        };
-        if ext == self.ext {
-            return;
-        }
-        tracing::warn!(
-            "the node's interface changed: {} ({}) -> {} ({}); following it",
-            self.ext.name,
-            show(&[
-                self.ext.public_ip.map(Into::into),
-                self.ext.public_ipv6.map(Into::into)
-            ]),
-            ext.name,
-            show(&[
-                ext.public_ip.map(Into::into),
-                ext.public_ipv6.map(Into::into)
-            ]),
-        );
-        let req = LeaseRequest {
-            public_ip: ext.public_ip.filter(|_| v4),
-            public_ipv6: ext.public_ipv6.filter(|_| v6),
-            ..self.req.clone()
-        };
-        if req != self.req {
-            self.intake.own.public_ip = req.public_ip;
-            self.intake.own.public_ipv6 = req.public_ipv6;
-            self.req = req.clone();
-            self.publish.send_replace(req);
-        }
-        self.ext = ext;
-        for p in &mut self.planes {
-            p.known = false;
-        }
     }
 
     /// One pass, in one of two scopes over the same diff and apply:
