@@ -446,14 +446,14 @@ impl PeerSet {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn conf() -> NetConf {
+    pub(crate) fn conf() -> NetConf {
         NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap()
     }
 
-    fn lease(subnet: &str, ip: &str, mac: &str) -> Lease {
+    pub(crate) fn lease(subnet: &str, ip: &str, mac: &str) -> Lease {
         Lease {
             subnet: Some(subnet.parse().unwrap()),
             ipv6_subnet: None,

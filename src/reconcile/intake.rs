@@ -192,25 +192,7 @@ impl Intake {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lease::{BackendData, VxlanData};
-
-    fn conf() -> NetConf {
-        NetConf::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap()
-    }
-
-    fn lease(subnet: &str, ip: &str, mac: &str) -> Lease {
-        Lease {
-            subnet: Some(subnet.parse().unwrap()),
-            ipv6_subnet: None,
-            public_ip: Some(ip.parse().unwrap()),
-            public_ipv6: None,
-            backend: BackendData::Vxlan(VxlanData {
-                vni: 1,
-                vtep_mac: mac.parse().unwrap(),
-            }),
-            backend_v6: None,
-        }
-    }
+    use crate::lease::tests::{conf, lease};
 
     fn intake() -> Intake {
         let own = lease("10.244.0.0/24", "198.18.0.11", "52:82:d5:a1:90:4d");

@@ -249,10 +249,8 @@ impl EtcdManager {
             .map_err(|_| anyhow::anyhow!("no answer within 10 s"))?
     }
 
-    /// Reads our key and settles who holds it: still ours (kept as is, or moved
-    /// onto a new etcd lease when our value sits there without our lease), gone
-    /// (re-created, create-if-absent), or another node's. Errors are transient.
-    pub(super) async fn reclaim(&self, own: &Own, req: &LeaseRequest) -> anyhow::Result<Keep> {
+    /// Our key's name under the prefix, and the value `req` gives it.
+    fn name_and_value(&self, own: &Own, req: &LeaseRequest) -> (String, String) {
         let name = own
             .key
             .strip_prefix(&self.subnets_prefix())
@@ -260,6 +258,14 @@ impl EtcdManager {
             .to_string();
         let v4 = parse_key_name(&name).is_some_and(|(v4, _)| v4.is_some());
         let value = lease_value(req, v4);
+        (name, value)
+    }
+
+    /// Reads our key and settles who holds it: still ours (kept as is, or moved
+    /// onto a new etcd lease when our value sits there without our lease), gone
+    /// (re-created, create-if-absent), or another node's. Errors are transient.
+    pub(super) async fn reclaim(&self, own: &Own, req: &LeaseRequest) -> anyhow::Result<Keep> {
+        let (name, value) = self.name_and_value(own, req);
         let mut c = self.client();
         let r = c.get(own.key.clone(), None).await?;
         let Some(kv) = r.kvs().first() else {
@@ -469,13 +475,7 @@ impl EtcdManager {
         own: &Own,
         req: &LeaseRequest,
     ) -> anyhow::Result<Option<Own>> {
-        let name = own
-            .key
-            .strip_prefix(&self.subnets_prefix())
-            .unwrap_or(&own.key)
-            .to_string();
-        let v4 = parse_key_name(&name).is_some_and(|(v4, _)| v4.is_some());
-        let value = lease_value(req, v4);
+        let (_, value) = self.name_and_value(own, req);
         // Its echo in the watch is ours from now on.
         let mut marked = own.clone();
         marked.pending = Some(value.clone());
