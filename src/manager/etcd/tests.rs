@@ -215,6 +215,11 @@ async fn a_cut_tls_handshake_is_transient() {
         .unwrap_err();
     server.abort();
     assert!(!fatal(&e), "a cut handshake was taken as fatal: {e:?}");
+    // The same cut as a transport error (how a connect that fails before any
+    // gRPC status reports it): transient, though its text says "handshake".
+    assert!(!fatal_transport(
+        r#"TransportError(tonic::transport::Error(Transport, ConnectError(Custom { kind: UnexpectedEof, error: "tls handshake eof" })))"#
+    ));
     assert!(fatal_transport("invalid peer certificate: UnknownIssuer"));
     assert!(fatal_transport("received fatal alert: BadCertificate"));
 }
