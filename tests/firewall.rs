@@ -232,7 +232,7 @@ fn legacy_host_gets_legacy_rules() {
     let blackholes = |node: &str| lab.exec(node, &["ip", "route", "show", "type", "blackhole"]);
     assert_eq!(
         blackholes("n1").trim(),
-        format!("blackhole {own} metric 4294967295")
+        format!("blackhole {own} proto 70 metric 4294967295")
     );
     assert_eq!(blackholes("n2").trim(), "", "node 2 was not asked for one");
     lab.exec(
