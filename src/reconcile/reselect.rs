@@ -10,7 +10,7 @@ use crate::manager::LeaseRequest;
 impl<B: Backend> Reconciler<B> {
     /// On a full check: has the selected interface (or its address) changed?
     /// Then everything follows the new one: the VXLAN device's `local`, the
-    /// desired routes, and (through `republish`) the published lease. A pinned
+    /// desired routes, and (through the lease keeper) the published lease. A pinned
     /// `--public-ip` stays what it is (select() takes it from the flag).
     pub(super) async fn reselect(&mut self) {
         let (v4, v6) = (self.intake.conf.v4.is_some(), self.intake.conf.v6.is_some());
