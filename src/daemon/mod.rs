@@ -171,11 +171,7 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             watched,
             fail_reason: String::new(),
         };
-        let mut wired = Wired {
-            r,
-            manager,
-            metrics: metrics.clone(),
-        };
+        let mut wired = Wired { r, manager };
         let inputs = event_loop::Inputs {
             events,
             kicks,
@@ -189,7 +185,6 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
 struct Wired<M, B> {
     r: Reconciler<B>,
     manager: Arc<M>,
-    metrics: Arc<Metrics>,
 }
 
 impl<M: SubnetManager, B: Backend> event_loop::Passes for Wired<M, B> {
@@ -212,7 +207,7 @@ impl<M: SubnetManager, B: Backend> event_loop::Passes for Wired<M, B> {
     fn first_ready(&mut self, sup: &mut Supervisor) {
         tracing::info!("dataplane ready: {} peers", self.r.intake.peers.len());
         release_freed_memory();
-        self.metrics.set_ready();
+        self.r.metrics.set_ready();
         // Transient API errors are retried inside; what is left is a
         // configuration error (RBAC), worth a loud line but not an exit:
         // the dataplane works without the condition.
