@@ -23,6 +23,14 @@ use crate::retry::{Backoff, Throttle};
 /// backoff from its shortest wait, and the task is no longer "failing".
 pub const HEALTHY_RUN: Duration = Duration::from_secs(10);
 
+/// Records a task as running or not, on the board and in `flannel_task_up`.
+fn mark(m: &Metrics, task: &'static str, up: bool) {
+    m.task_up
+        .get_or_create(&TaskLabel { task })
+        .set(i64::from(up));
+    m.tasks.set(task, |s| s.up = up);
+}
+
 /// What ends the agent: a critical task's end, with its name.
 type Ending = Option<(&'static str, anyhow::Error)>;
 
@@ -53,8 +61,7 @@ impl Supervisor {
             let mut log = Throttle::new(format!("task {name}"));
             let label = TaskLabel { task: name };
             loop {
-                m.task_up.get_or_create(&label).set(1);
-                m.tasks.set(name, |s| s.up = true);
+                mark(&m, name, true);
                 let started = Instant::now();
                 let run = AssertUnwindSafe(make()).catch_unwind();
                 tokio::pin!(run);
@@ -76,9 +83,8 @@ impl Supervisor {
                     Ok(Err(e)) => format!("{e:#}"),
                     Err(_) => "panicked".to_string(),
                 };
-                m.task_up.get_or_create(&label).set(0);
+                mark(&m, name, false);
                 m.tasks.set(name, |s| {
-                    s.up = false;
                     let since = s.failing.as_ref().map_or(started, |(t, _)| *t);
                     s.failing = Some((since, why.clone()));
                 });
@@ -98,11 +104,9 @@ impl Supervisor {
     {
         let m = self.metrics.clone();
         self.set.spawn(async move {
-            let label = TaskLabel { task: name };
-            m.task_up.get_or_create(&label).set(1);
-            m.tasks.set(name, |s| s.up = true);
+            mark(&m, name, true);
             let e = fut.await;
-            m.task_up.get_or_create(&label).set(0);
+            mark(&m, name, false);
             Some((name, e))
         });
     }
@@ -116,14 +120,11 @@ impl Supervisor {
     {
         let m = self.metrics.clone();
         self.set.spawn(async move {
-            let label = TaskLabel { task: name };
-            m.task_up.get_or_create(&label).set(1);
-            m.tasks.set(name, |s| s.up = true);
+            mark(&m, name, true);
             fut.await;
             tracing::error!("task {name} ended; it should run as long as the agent");
-            m.task_up.get_or_create(&label).set(0);
+            mark(&m, name, false);
             m.tasks.set(name, |s| {
-                s.up = false;
                 s.failing = Some((Instant::now(), "ended".into()));
             });
             None
