@@ -75,11 +75,29 @@ pub struct VxlanData {
     pub vtep_mac: Mac,
 }
 
+/// wireguard backend-data: upstream's `{"PublicKey":"<base64>","Port":51820}`
+/// (`Port` since v0.26.6; a peer without it listens on our own port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireguardData {
+    pub public_key: crate::backend::wireguard::key::Key,
+    /// None: not published (older upstream).
+    pub port: Option<u16>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireguardJson {
+    #[serde(rename = "PublicKey")]
+    public_key: String,
+    #[serde(rename = "Port", default, skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+}
+
 /// Backend-specific part of a lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendData {
     Vxlan(VxlanData),
     HostGw,
+    Wireguard(WireguardData),
 }
 
 impl BackendData {
@@ -87,6 +105,7 @@ impl BackendData {
         match self {
             BackendData::Vxlan(_) => "vxlan",
             BackendData::HostGw => "host-gw",
+            BackendData::Wireguard(_) => "wireguard",
         }
     }
 
@@ -95,6 +114,11 @@ impl BackendData {
         match self {
             BackendData::Vxlan(d) => serde_json::to_string(d).unwrap_or_default(),
             BackendData::HostGw => "null".to_string(),
+            BackendData::Wireguard(d) => serde_json::to_string(&WireguardJson {
+                public_key: d.public_key.to_string(),
+                port: d.port,
+            })
+            .unwrap_or_default(),
         }
     }
 
@@ -116,6 +140,18 @@ impl BackendData {
                 Ok(BackendData::Vxlan(d))
             }
             "host-gw" => Ok(BackendData::HostGw),
+            "wireguard" => {
+                let d: WireguardJson = serde_json::from_str(data)
+                    .map_err(|e| format!("backend-data {data:?} is invalid: {e}"))?;
+                let public_key = d
+                    .public_key
+                    .parse()
+                    .map_err(|e| format!("PublicKey {:?} is invalid: {e}", d.public_key))?;
+                Ok(BackendData::Wireguard(WireguardData {
+                    public_key,
+                    port: d.port.filter(|p| *p != 0),
+                }))
+            }
             other => Err(format!("unsupported backend type {other:?}")),
         }
     }
@@ -203,6 +239,16 @@ impl Lease {
                 )));
             }
         }
+        if let (BackendData::Wireguard(mine), BackendData::Wireguard(theirs)) =
+            (&own.backend, &self.backend)
+        {
+            if mine.public_key == theirs.public_key {
+                return Err(Refusal::Duplicate(format!(
+                    "PublicKey {} is this node's own",
+                    theirs.public_key
+                )));
+            }
+        }
         if let Some(n) = &v4 {
             check_subnet(n, conf.v4.as_ref(), own.subnet.as_ref())?;
             let ip = self
@@ -255,7 +301,7 @@ pub struct PeerSet {
     waiting: BTreeMap<String, Lease>,
     /// Accepted subnets: (is_v6, first address) → (last address, peer name).
     by_subnet: BTreeMap<(bool, u128), (u128, String)>,
-    by_mac: HashMap<Mac, String>,
+    by_ident: HashMap<Ident, String>,
     /// Peers whose accepted lease changed since the last [`PeerSet::take_dirty`],
     /// with the lease they had accepted before (None: none): its keys are what
     /// the peer owned in the kernel.
@@ -273,12 +319,30 @@ fn subnets(l: &Lease) -> impl Iterator<Item = IpNetwork> {
     l.subnet.into_iter().chain(l.ipv6_subnet)
 }
 
-fn vtep_macs(l: &Lease) -> impl Iterator<Item = Mac> {
+/// What identifies a node's tunnel endpoint, one owner each: a VTEP MAC (one
+/// FDB entry) or a WireGuard public key (one peer on the device).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Ident {
+    Mac(Mac),
+    Key(crate::backend::wireguard::key::Key),
+}
+
+impl std::fmt::Display for Ident {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ident::Mac(m) => write!(f, "VtepMAC {m}"),
+            Ident::Key(k) => write!(f, "PublicKey {k}"),
+        }
+    }
+}
+
+fn idents(l: &Lease) -> impl Iterator<Item = Ident> {
     [Some(l.backend), l.backend_v6]
         .into_iter()
         .flatten()
         .filter_map(|b| match b {
-            BackendData::Vxlan(d) => Some(d.vtep_mac),
+            BackendData::Vxlan(d) => Some(Ident::Mac(d.vtep_mac)),
+            BackendData::Wireguard(d) => Some(Ident::Key(d.public_key)),
             BackendData::HostGw => None,
         })
 }
@@ -317,8 +381,8 @@ impl PeerSet {
             let (lo, hi) = subnet::range(&n);
             self.by_subnet.insert((n.is_ipv6(), lo), (hi, name.clone()));
         }
-        for m in vtep_macs(&lease) {
-            self.by_mac.insert(m, name.clone());
+        for m in idents(&lease) {
+            self.by_ident.insert(m, name.clone());
         }
         self.accepted.insert(name, lease);
     }
@@ -331,20 +395,21 @@ impl PeerSet {
         for n in subnets(&lease) {
             self.by_subnet.remove(&(n.is_ipv6(), subnet::range(&n).0));
         }
-        for m in vtep_macs(&lease) {
-            if self.by_mac.get(&m).map(String::as_str) == Some(name) {
-                self.by_mac.remove(&m);
+        for m in idents(&lease) {
+            if self.by_ident.get(&m).map(String::as_str) == Some(name) {
+                self.by_ident.remove(&m);
             }
         }
         Some(lease)
     }
 
     fn conflict(&self, name: &str, lease: &Lease) -> Option<Refusal> {
-        // One VTEP MAC, one FDB entry: a second claimant would steal the first's traffic.
-        for m in vtep_macs(lease) {
-            if let Some(other) = self.by_mac.get(&m).filter(|o| o.as_str() != name) {
+        // One VTEP MAC, one FDB entry (one public key, one WireGuard peer): a
+        // second claimant would steal the first's traffic.
+        for m in idents(lease) {
+            if let Some(other) = self.by_ident.get(&m).filter(|o| o.as_str() != name) {
                 return Some(Refusal::Duplicate(format!(
-                    "VtepMAC {m} is already used by peer {other}"
+                    "{m} is already used by peer {other}"
                 )));
             }
         }

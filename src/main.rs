@@ -197,6 +197,18 @@ fn lease_ttl() -> anyhow::Result<std::time::Duration> {
     }
 }
 
+/// `FLANNEL_WG_IMPL`: which WireGuard serves the wireguard backend — `auto`
+/// (the kernel's, else the embedded userspace one), `kernel` or `userspace`.
+fn wg_impl() -> anyhow::Result<flannel::config::netconf::WgImpl> {
+    use flannel::config::netconf::WgImpl;
+    match std::env::var("FLANNEL_WG_IMPL").as_deref() {
+        Err(_) | Ok("") | Ok("auto") => Ok(WgImpl::Auto),
+        Ok("kernel") => Ok(WgImpl::Kernel),
+        Ok("userspace") => Ok(WgImpl::Userspace),
+        Ok(v) => anyhow::bail!("FLANNEL_WG_IMPL={v:?}: want auto, kernel or userspace"),
+    }
+}
+
 async fn run_agent<M: SubnetManager>(
     flags: &Flags,
     conf: NetConf,
@@ -207,8 +219,21 @@ async fn run_agent<M: SubnetManager>(
 ) -> anyhow::Result<()> {
     let flags = flags.clone();
     let metrics = metrics.clone();
-    match Any::from_conf(&conf) {
+    match Any::from_conf(&conf, wg_impl()?) {
         Any::Vxlan(backend) => {
+            Agent {
+                flags,
+                conf,
+                manager,
+                backend,
+                metrics,
+                queue_depth,
+                sup,
+            }
+            .run()
+            .await
+        }
+        Any::Wireguard(backend) => {
             Agent {
                 flags,
                 conf,

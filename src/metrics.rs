@@ -171,6 +171,51 @@ pub struct Metrics {
     pub store: StoreHealth,
     pub dataplane: DataplaneHealth,
     pub tasks: TaskBoard,
+    pub wireguard: WgMetrics,
+}
+
+/// WireGuard peer health (wireguard backend), from the devices' own counters.
+#[derive(Default)]
+pub struct WgMetrics {
+    /// Peers by handshake state: `recent` (within 3 minutes), `stale`, `never`.
+    pub peers: Family<StateLabel, Gauge>,
+    pub rx_bytes: Gauge,
+    pub tx_bytes: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+/// A handshake older than this means the peer is not talking (WireGuard
+/// re-keys every 2 minutes while traffic flows).
+pub const WG_HANDSHAKE_STALE_SECS: u64 = 180;
+
+impl WgMetrics {
+    /// Sets the gauges from one reading of every device.
+    pub fn observe(&self, stats: &[crate::backend::wireguard::device::PeerStats]) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let (mut recent, mut stale, mut never) = (0, 0, 0);
+        let (mut rx, mut tx) = (0u64, 0u64);
+        for s in stats {
+            match s.last_handshake_secs {
+                0 => never += 1,
+                t if now.saturating_sub(t) <= WG_HANDSHAKE_STALE_SECS => recent += 1,
+                _ => stale += 1,
+            }
+            rx = rx.saturating_add(s.rx_bytes);
+            tx = tx.saturating_add(s.tx_bytes);
+        }
+        for (state, n) in [("recent", recent), ("stale", stale), ("never", never)] {
+            self.peers.get_or_create(&StateLabel { state }).set(n);
+        }
+        self.rx_bytes.set(rx.min(i64::MAX as u64) as i64);
+        self.tx_bytes.set(tx.min(i64::MAX as u64) as i64);
+    }
 }
 
 impl Default for Metrics {
@@ -206,6 +251,7 @@ impl Metrics {
             store: StoreHealth::default(),
             dataplane: DataplaneHealth::default(),
             tasks: TaskBoard::default(),
+            wireguard: WgMetrics::default(),
             registry: Registry::default(),
         };
         let build: Family<BuildLabels, Gauge> = Family::default();
@@ -252,7 +298,7 @@ impl Metrics {
         );
         r.register(
             "flannel_netlink_operations",
-            "Netlink changes sent, by op (set, delete) and kind (route, neighbour, fdb)",
+            "Netlink changes sent, by op (set, delete) and kind (route, neighbour, fdb, wgpeer)",
             m.netlink_ops.clone(),
         );
         r.register(
@@ -320,10 +366,25 @@ impl Metrics {
             "Turns of the agent's event loop (flat at idle: nothing polls)",
             m.loop_wakeups.clone(),
         );
+        r.register(
+            "flannel_wireguard_peers",
+            "WireGuard peers by handshake state: recent (within 180 s), stale, never (wireguard backend)",
+            m.wireguard.peers.clone(),
+        );
+        r.register(
+            "flannel_wireguard_received_bytes",
+            "Bytes received from all WireGuard peers, as the devices count them (resets when a device is re-created)",
+            m.wireguard.rx_bytes.clone(),
+        );
+        r.register(
+            "flannel_wireguard_sent_bytes",
+            "Bytes sent to all WireGuard peers, as the devices count them",
+            m.wireguard.tx_bytes.clone(),
+        );
         // Every label set exists from the start (at 0), so rate() and alerts work
         // before the first error.
         for op in ["set", "delete"] {
-            for kind in ["route", "neighbour", "fdb"] {
+            for kind in ["route", "neighbour", "fdb", "wgpeer"] {
                 let _ = m.netlink_ops.get_or_create(&NetlinkLabels { op, kind });
                 let _ = m.netlink_errors.get_or_create(&NetlinkLabels { op, kind });
             }

@@ -76,6 +76,7 @@ impl Backend for HostGw {
         Devices {
             overlay: None,
             underlay: ext.index,
+            network_route: false,
         }
     }
 

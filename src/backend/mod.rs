@@ -4,16 +4,20 @@
 //! hold for a set of peers ([`Backend::desired`]); the daemon diffs that against
 //! the kernel and applies the difference through the one netlink layer.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 
 use crate::config::netconf::{BackendConf, NetConf};
-use crate::dataplane::model::{PeerEntries, State};
+use crate::dataplane::model::{Changes, PeerEntries, State, WgPeer};
 use crate::dataplane::netlink::{Devices, Netlink};
 use crate::iface::ExternalInterface;
 use crate::lease::{BackendData, Lease, PeerSet};
 
 pub mod hostgw;
 pub mod vxlan;
+pub mod wireguard;
+
+use wireguard::key::Key;
 
 /// What a prepared backend publishes with the lease, and the MTU for pods.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +64,29 @@ pub trait Backend: Send + 'static {
         v6: bool,
     ) -> Result<Option<PeerEntries>, String>;
 
+    /// The WireGuard peers one family's device holds (entries kept outside
+    /// rtnetlink); none for backends without them.
+    fn observe_peers(
+        &mut self,
+        _v6: bool,
+    ) -> impl Future<Output = anyhow::Result<BTreeMap<Key, WgPeer>>> + Send {
+        async { Ok(BTreeMap::new()) }
+    }
+
+    /// Applies the WireGuard part of a diff; one message per failure.
+    fn apply_peers(
+        &mut self,
+        _v6: bool,
+        _c: &Changes<Key, WgPeer>,
+    ) -> impl Future<Output = Vec<String>> + Send {
+        async { Vec::new() }
+    }
+
+    /// What the WireGuard drift check reads (wireguard only).
+    fn wg_probe(&self) -> Option<wireguard::Probe> {
+        None
+    }
+
     /// Pure: the entries of one family the kernel must hold for `peers`.
     fn desired(&self, ext: &ExternalInterface, peers: &PeerSet, v6: bool) -> (State, Skipped) {
         let mut s = State::default();
@@ -80,10 +107,11 @@ pub trait Backend: Send + 'static {
 pub enum Any {
     Vxlan(vxlan::Vxlan),
     HostGw(hostgw::HostGw),
+    Wireguard(wireguard::Wireguard),
 }
 
 impl Any {
-    pub fn from_conf(conf: &NetConf) -> Any {
+    pub fn from_conf(conf: &NetConf, wg_impl: crate::config::netconf::WgImpl) -> Any {
         match &conf.backend {
             BackendConf::Vxlan(v) => Any::Vxlan(vxlan::Vxlan::new(
                 v.clone(),
@@ -91,6 +119,9 @@ impl Any {
                 conf.v6.is_some(),
             )),
             BackendConf::HostGw => Any::HostGw(hostgw::HostGw),
+            BackendConf::Wireguard(w) => {
+                Any::Wireguard(wireguard::Wireguard::new(w.clone(), conf, wg_impl))
+            }
         }
     }
 }

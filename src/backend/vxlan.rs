@@ -332,6 +332,7 @@ impl Backend for Vxlan {
         Devices {
             overlay: self.dev(v6).link.as_ref().map(|l| l.index),
             underlay: ext.index,
+            network_route: false,
         }
     }
 
@@ -354,6 +355,7 @@ impl Backend for Vxlan {
                 route: Some((subnet, route)),
                 neigh: Some((gw, mac)),
                 fdb: Some((mac, dst)),
+                wg: None,
             }),
         )
     }

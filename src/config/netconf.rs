@@ -73,10 +73,62 @@ impl Default for VxlanConf {
     }
 }
 
+/// Which devices the wireguard backend uses (upstream's `Mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WgMode {
+    /// `flannel-wg` for IPv4, `flannel-wg-v6` for IPv6 (the default).
+    Separate,
+    /// One device `flannel-wg`; a peer is reached over IPv4 unless its IPv4 is
+    /// private and both its IPv6 and ours are public.
+    Auto,
+    /// One device, peers reached over IPv4.
+    Ipv4,
+    /// One device, peers reached over IPv6.
+    Ipv6,
+}
+
+/// Forcing the kernel or the userspace WireGuard (`FLANNEL_WG_IMPL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WgImpl {
+    /// The kernel's, or userspace when the kernel cannot create the link.
+    #[default]
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+/// wireguard backend settings (upstream's names and defaults).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireguardConf {
+    /// One base64 32-byte preshared key for the cluster (`PSK`).
+    pub psk: Option<[u8; 32]>,
+    pub listen_port: u16,
+    pub listen_port_v6: u16,
+    /// Seconds; 0 = off.
+    pub keepalive: u16,
+    pub mode: WgMode,
+    /// Override of the underlay MTU the overhead is taken from (v0.21+ `MTU`).
+    pub mtu: Option<u32>,
+}
+
+impl Default for WireguardConf {
+    fn default() -> Self {
+        WireguardConf {
+            psk: None,
+            listen_port: 51820,
+            listen_port_v6: 51821,
+            keepalive: 0,
+            mode: WgMode::Separate,
+            mtu: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendConf {
     Vxlan(VxlanConf),
     HostGw,
+    Wireguard(WireguardConf),
 }
 
 impl BackendConf {
@@ -85,6 +137,7 @@ impl BackendConf {
         match self {
             BackendConf::Vxlan(_) => "vxlan",
             BackendConf::HostGw => "host-gw",
+            BackendConf::Wireguard(_) => "wireguard",
         }
     }
 }
@@ -102,7 +155,6 @@ const UPSTREAM_ONLY_BACKENDS: &[&str] = &[
     "udp",
     "ipip",
     "ipsec",
-    "wireguard",
     "alloc",
     "extension",
     "alivpc",
@@ -382,10 +434,11 @@ fn backend(v: Option<&Value>) -> Result<BackendConf, ConfigError> {
     match ty {
         "vxlan" => Ok(BackendConf::Vxlan(vxlan(&f)?)),
         "host-gw" => Ok(BackendConf::HostGw),
+        "wireguard" => Ok(BackendConf::Wireguard(wireguard(&f)?)),
         t if UPSTREAM_ONLY_BACKENDS.contains(&t) => Err(unsupported(t, "")),
         t => Err(err(
             "Backend.Type",
-            format!("unknown backend type {t:?} (flannel-rs supports vxlan and host-gw)"),
+            format!("unknown backend type {t:?} (flannel-rs supports vxlan, host-gw and wireguard)"),
         )),
     }
 }
@@ -394,7 +447,7 @@ fn unsupported(t: &str, why: &str) -> ConfigError {
     err(
         "Backend.Type",
         format!(
-            "backend type {t:?}{why} is not supported by flannel-rs (supported: vxlan, host-gw)"
+            "backend type {t:?}{why} is not supported by flannel-rs (supported: vxlan, host-gw, wireguard)"
         ),
     )
 }
@@ -429,6 +482,61 @@ fn vxlan(f: &Fields) -> Result<VxlanConf, ConfigError> {
         direct_routing: f.bool("DirectRouting", false).map_err(rename)?,
         mtu,
         mac_prefix,
+    })
+}
+
+fn wireguard(f: &Fields) -> Result<WireguardConf, ConfigError> {
+    let field = |name: &str| format!("Backend.{name}");
+    let rename = |e: ConfigError| ConfigError {
+        field: field(&e.field),
+        reason: e.reason,
+    };
+    let d = WireguardConf::default();
+    let port = |name: &str, default: u16| -> Result<u16, ConfigError> {
+        match f.uint(name, 65535).map_err(rename)? {
+            None | Some(0) => Ok(default),
+            Some(p) => Ok(p as u16),
+        }
+    };
+    let psk = match f.string("PSK").map_err(rename)? {
+        None | Some("") => None,
+        Some(s) => Some(
+            crate::backend::wireguard::key::decode(s)
+                .map_err(|r| err(&field("PSK"), format!("not a WireGuard key: {r}")))?,
+        ),
+    };
+    let mode = match f.string("Mode").map_err(rename)? {
+        None | Some("") | Some("separate") => WgMode::Separate,
+        Some("auto") => WgMode::Auto,
+        Some("ipv4") => WgMode::Ipv4,
+        Some("ipv6") => WgMode::Ipv6,
+        Some(m) => {
+            return Err(err(
+                &field("Mode"),
+                format!("{m:?} is not one of separate, auto, ipv4, ipv6"),
+            ))
+        }
+    };
+    let mtu = match f.uint("MTU", 65535).map_err(rename)? {
+        None | Some(0) => None,
+        Some(m) if m < 148 => {
+            return Err(err(
+                &field("MTU"),
+                format!("{m} leaves less than IPv4's 68 bytes after WireGuard's 80-byte overhead"),
+            ))
+        }
+        Some(m) => Some(m as u32),
+    };
+    Ok(WireguardConf {
+        psk,
+        listen_port: port("ListenPort", d.listen_port)?,
+        listen_port_v6: port("ListenPortV6", d.listen_port_v6)?,
+        keepalive: f
+            .uint("PersistentKeepaliveInterval", 65535)
+            .map_err(rename)?
+            .unwrap_or(0) as u16,
+        mode,
+        mtu,
     })
 }
 
@@ -599,6 +707,47 @@ mod tests {
         let c = ok(r#"{"network":"10.1.0.0/16","backend":{"type":"host-gw"}}"#);
         assert_eq!(c.v4.unwrap().network.to_string(), "10.1.0.0/16");
         assert_eq!(c.backend, BackendConf::HostGw);
+    }
+
+    #[test]
+    fn wireguard_fields_and_defaults() {
+        let c = ok(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard"}}"#);
+        assert_eq!(c.backend, BackendConf::Wireguard(WireguardConf::default()));
+        assert_eq!(c.backend.type_name(), "wireguard");
+        let c = ok(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"wireguard","PSK":"AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=","ListenPort":5000,"ListenPortV6":5001,"PersistentKeepaliveInterval":25,"Mode":"auto","MTU":1400}}"#,
+        );
+        let BackendConf::Wireguard(w) = c.backend else {
+            panic!()
+        };
+        let mut psk = [0u8; 32];
+        for (i, b) in psk.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        assert_eq!(
+            w,
+            WireguardConf {
+                psk: Some(psk),
+                listen_port: 5000,
+                listen_port_v6: 5001,
+                keepalive: 25,
+                mode: WgMode::Auto,
+                mtu: Some(1400),
+            }
+        );
+        for (json, field) in [
+            (r#""PSK":"c2hvcnQ=""#, "Backend.PSK"),
+            (r#""PSK":7"#, "Backend.PSK"),
+            (r#""Mode":"both""#, "Backend.Mode"),
+            (r#""ListenPort":70000"#, "Backend.ListenPort"),
+            (r#""MTU":100"#, "Backend.MTU"),
+            (r#""PersistentKeepaliveInterval":-1"#, "Backend.PersistentKeepaliveInterval"),
+        ] {
+            let e = bad(&format!(
+                r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"wireguard",{json}}}}}"#
+            ));
+            assert_eq!(e.field, field, "{json}: {e}");
+        }
     }
 
     #[test]

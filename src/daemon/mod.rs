@@ -21,7 +21,7 @@ use crate::manager::{LeaseEvent, LeaseRequest, SubnetManager};
 use crate::metrics::Metrics;
 use crate::reconcile::intake::Intake;
 use crate::reconcile::{
-    follow_netlink, planes, release_freed_memory, show, Reconciler, Watched, SAFETY_RESYNC,
+    follow_netlink, follow_wireguard, planes, release_freed_memory, show, Reconciler, Watched, SAFETY_RESYNC,
 };
 use crate::subnet_env::SubnetEnv;
 use crate::supervisor::Supervisor;
@@ -148,6 +148,12 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
                 .collect(),
         }));
         let (kick_tx, kicks) = mpsc::channel(1);
+        if let Some(probe) = backend.wg_probe().filter(|_| !planes.is_empty()) {
+            let (w, k, m) = (watched.clone(), kick_tx.clone(), metrics.clone());
+            sup.restartable("wireguard-check", move || {
+                follow_wireguard(w.clone(), probe.clone(), k.clone(), m.clone())
+            });
+        }
         if !planes.is_empty() {
             let v6 = planes.iter().any(|p| p.v6);
             let w = watched.clone();

@@ -9,7 +9,37 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
+use crate::backend::wireguard::key::Key;
 use crate::lease::Mac;
+
+/// A WireGuard peer on the overlay device, as the kernel (or the userspace
+/// device) holds it: where it is, what it may send and receive, and the
+/// cluster-wide PSK and keepalive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WgPeer {
+    pub endpoint: std::net::SocketAddr,
+    /// The peer's subnet(s): one per family at most, in order, `None` last.
+    pub allowed: [Option<IpNetwork>; 2],
+    pub psk: Option<Key>,
+    /// Seconds; 0 = off.
+    pub keepalive: u16,
+}
+
+impl WgPeer {
+    /// Allowed IPs in the canonical order (sorted, `None` last).
+    pub fn allowed_of(mut nets: Vec<IpNetwork>) -> [Option<IpNetwork>; 2] {
+        nets.sort();
+        nets.dedup();
+        let mut it = nets.into_iter();
+        let a = [it.next(), it.next()];
+        if it.next().is_some() {
+            // More than one subnet per family is not a flannel peer; kept as
+            // "differs" by the caller (it never equals a wanted peer).
+            return [a[0], None];
+        }
+        a
+    }
+}
 
 /// Which device a route leaves through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -60,11 +90,13 @@ pub struct State {
     pub neighs: BTreeMap<IpAddr, Mac>,
     /// FDB entries (`self permanent`) on the overlay device: VTEP MAC → peer public IP.
     pub fdb: BTreeMap<Mac, IpAddr>,
+    /// WireGuard peers on the overlay device: public key → peer.
+    pub wg: BTreeMap<Key, WgPeer>,
 }
 
 impl State {
     pub fn len(&self) -> usize {
-        self.routes.len() + self.neighs.len() + self.fdb.len()
+        self.routes.len() + self.neighs.len() + self.fdb.len() + self.wg.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -118,6 +150,7 @@ pub struct Diff {
     /// are replaced in `fdb.set`; an FDB entry can also exist twice for one MAC
     /// (two destinations) — those extra ones land here.
     pub fdb_extra: Vec<(Mac, IpAddr)>,
+    pub wg: Changes<Key, WgPeer>,
 }
 
 impl Diff {
@@ -126,6 +159,7 @@ impl Diff {
             && self.neighs.is_empty()
             && self.fdb.is_empty()
             && self.fdb_extra.is_empty()
+            && self.wg.is_empty()
     }
 
     pub fn ops(&self) -> usize {
@@ -136,6 +170,8 @@ impl Diff {
             + self.fdb.set.len()
             + self.fdb.del.len()
             + self.fdb_extra.len()
+            + self.wg.set.len()
+            + self.wg.del.len()
     }
 }
 
@@ -162,6 +198,7 @@ pub fn diff(want: &State, have: &Observed) -> Diff {
         neighs: Changes::between(&want.neighs, &have.state.neighs),
         fdb,
         fdb_extra,
+        wg: Changes::between(&want.wg, &have.state.wg),
     }
 }
 
@@ -186,6 +223,7 @@ pub fn additions(want: &State, have: &State) -> Diff {
         neighs: only_new(&want.neighs, &have.neighs),
         fdb: only_new(&want.fdb, &have.fdb),
         fdb_extra: vec![],
+        wg: only_new(&want.wg, &have.wg),
     }
 }
 
@@ -195,6 +233,7 @@ impl State {
         self.routes.extend(d.routes.set.iter().copied());
         self.neighs.extend(d.neighs.set.iter().copied());
         self.fdb.extend(d.fdb.set.iter().copied());
+        self.wg.extend(d.wg.set.iter().copied());
     }
 }
 
@@ -204,6 +243,7 @@ pub struct PeerEntries {
     pub route: Option<(IpNetwork, Route)>,
     pub neigh: Option<(IpAddr, Mac)>,
     pub fdb: Option<(Mac, IpAddr)>,
+    pub wg: Option<(Key, WgPeer)>,
 }
 
 impl PeerEntries {
@@ -217,6 +257,9 @@ impl PeerEntries {
         if let Some((k, v)) = self.fdb {
             s.fdb.insert(k, v);
         }
+        if let Some((k, v)) = self.wg {
+            s.wg.insert(k, v);
+        }
     }
 
     pub fn remove_from(&self, s: &mut State) {
@@ -228,6 +271,9 @@ impl PeerEntries {
         }
         if let Some((k, _)) = self.fdb {
             s.fdb.remove(&k);
+        }
+        if let Some((k, _)) = self.wg {
+            s.wg.remove(&k);
         }
     }
 
@@ -246,6 +292,11 @@ impl PeerEntries {
         if let Some((k, _)) = self.fdb {
             if let Some(v) = from.fdb.get(&k) {
                 to.fdb.insert(k, *v);
+            }
+        }
+        if let Some((k, _)) = self.wg {
+            if let Some(v) = from.wg.get(&k) {
+                to.wg.insert(k, *v);
             }
         }
     }
@@ -308,6 +359,9 @@ impl Tracker {
         }
         for (k, _) in &d.fdb.del {
             self.applied.fdb.remove(k);
+        }
+        for (k, _) in &d.wg.del {
+            self.applied.wg.remove(k);
         }
         self.applied.absorb(d);
     }
@@ -445,6 +499,7 @@ mod tests {
             route: Some((net(&format!("10.244.{subnet}.0/24")), vx(subnet))),
             neigh: Some((ip(&format!("10.244.{subnet}.0")), mac(mac_n))),
             fdb: Some((mac(mac_n), ip(&format!("198.18.0.{host}")))),
+            wg: None,
         }
     }
 

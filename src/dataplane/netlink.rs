@@ -22,7 +22,9 @@ use netlink_packet_route::route::{
     RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkMessageBuilder, LinkUnspec, LinkVxlan, LinkWireguard, RouteMessageBuilder,
+};
 
 use super::model::{Dev, Diff, Observed, Route};
 use crate::lease::Mac;
@@ -143,6 +145,9 @@ pub struct Devices {
     /// The flannel VXLAN device (absent for host-gw).
     pub overlay: Option<u32>,
     pub underlay: u32,
+    /// The overlay device carries `<Network> dev <overlay>` (wireguard: one
+    /// route for all peers, kept by the backend's device repair).
+    pub network_route: bool,
 }
 
 impl Devices {
@@ -319,6 +324,72 @@ impl Netlink {
             .execute()
             .await
             .map_err(nlerr("create vxlan", &s.name))
+    }
+
+    /// Creates a kernel WireGuard link (fails with EOPNOTSUPP/ENODEV where the
+    /// kernel has no wireguard module).
+    pub async fn create_wireguard(&self, name: &str, mtu: u32) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .add(LinkWireguard::new(name).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(nlerr("create wireguard", name))
+    }
+
+    /// `ip route replace <dst> dev <index> scope link proto 70`: a whole
+    /// network through a device (the wireguard backend's one route).
+    pub async fn set_device_route(&self, dst: IpNetwork, index: u32) -> Result<(), NetlinkError> {
+        let mut m = RouteMessage::default();
+        m.header.address_family = family(dst.ip());
+        m.header.destination_prefix_length = dst.prefix();
+        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
+        m.header.scope = RouteScope::Link;
+        m.header.kind = RouteType::Unicast;
+        m.attributes
+            .push(RouteAttribute::Destination(addr_of(dst.network())));
+        m.attributes.push(RouteAttribute::Oif(index));
+        self.request(
+            RouteNetlinkMessage::NewRoute(m),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .await
+        .map_err(|source| NetlinkError {
+            op: "set route",
+            target: dst.to_string(),
+            source,
+        })
+    }
+
+    /// Whether the main table routes exactly `dst` through device `index`.
+    pub async fn has_device_route(&self, dst: IpNetwork, index: u32) -> Result<bool, NetlinkError> {
+        let msg = if dst.is_ipv6() {
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+        };
+        let mut routes = self.handle.route().get(msg).execute();
+        while let Some(r) = routes.try_next().await.map_err(nlerr("dump", "routes"))? {
+            if r.header.table != RouteHeader::RT_TABLE_MAIN
+                || r.header.destination_prefix_length != dst.prefix()
+            {
+                continue;
+            }
+            let mut d = None;
+            let mut oif = None;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(x) => d = route_ip(x),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            if d == Some(dst.network()) && oif == Some(index) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
@@ -864,6 +935,14 @@ pub fn deviates(
             else {
                 return false;
             };
+            // The whole network through the overlay device (wireguard's one
+            // route) removed or rerouted: the device's repair puts it back.
+            if net == scope.network && dev.overlay.is_some() {
+                return match msg {
+                    RouteNetlinkMessage::DelRoute(_) => oif == dev.overlay,
+                    _ => false,
+                } && dev.network_route;
+            }
             if !subnet::is_proper_subnet(&scope.network, &net) || subnet::overlaps(&net, &scope.own)
             {
                 return false;

@@ -60,3 +60,58 @@ impl<T> Drop for AbortOnDrop<T> {
         self.0.abort();
     }
 }
+
+/// How often the WireGuard devices are read: the kernel sends no notification
+/// when a peer, key or port changes, so this one check reads each device (one
+/// dump of its peers) and compares it with what is wanted — drift is repaired
+/// within this interval plus one pass.
+pub const WG_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Reads the WireGuard devices every [`WG_CHECK`] and kicks a full check when
+/// one holds other peers, another key or another port than wanted. Also keeps
+/// the peers' handshake and byte gauges. A read that fails (the device is
+/// being re-created) is a deviation too.
+pub async fn follow_wireguard(
+    watched: Arc<std::sync::RwLock<Watched>>,
+    probe: crate::backend::wireguard::Probe,
+    kick: mpsc::Sender<()>,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(WG_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let devices = probe
+            .devices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut drift = false;
+        let mut stats = Vec::new();
+        for d in devices {
+            let st = match d.ctl.get().await {
+                Ok(st) => st,
+                Err(e) => {
+                    tracing::debug!("reading a WireGuard device: {e:#}");
+                    drift = true;
+                    continue;
+                }
+            };
+            let peers_differ = {
+                let w = watched.read().unwrap_or_else(|e| e.into_inner());
+                w.planes
+                    .iter()
+                    .filter(|(_, _, scope)| scope.network.is_ipv6() == d.v6)
+                    .any(|(want, _, _)| want.wg != st.peers)
+            };
+            if peers_differ || st.private_key != Some(d.private) || st.listen_port != d.port {
+                drift = true;
+            }
+            stats.extend(st.stats.into_values());
+        }
+        metrics.wireguard.observe(&stats);
+        if drift && kick.try_send(()).is_err() && kick.is_closed() {
+            return Ok(());
+        }
+    }
+}

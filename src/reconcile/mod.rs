@@ -99,7 +99,7 @@ pub mod intake;
 mod reselect;
 pub mod schedule;
 
-pub use drift::follow_netlink;
+pub use drift::{follow_netlink, follow_wireguard};
 use intake::Intake;
 
 pub struct Reconciler<B> {
@@ -142,7 +142,7 @@ impl<B: Backend> Reconciler<B> {
             let (v6, scope) = (self.planes[i].v6, self.planes[i].scope);
             let devices = self.backend.devices(&self.ext, v6);
             if self.planes[i].seen.is_none() {
-                match self.nl.observe(devices, scope, self.planes[i].adopt).await {
+                match self.observe(i, devices, scope).await {
                     Ok(o) => self.planes[i].seen = Some(o.state),
                     Err(e) => {
                         tracing::debug!("not programming ahead of the list: {e}");
@@ -161,13 +161,16 @@ impl<B: Backend> Reconciler<B> {
                 continue;
             }
             let report = self.nl.apply(&add, devices).await;
+            let wg_failed = self.apply_wg(v6, &add).await;
             self.metrics.count_netlink(&report);
-            seen.absorb(&add);
+            if let Some(seen) = self.planes[i].seen.as_mut() {
+                seen.absorb(&add);
+            }
             tracing::debug!(
                 "programmed {} entries for {} peers ahead of the complete list ({} failed)",
                 add.ops(),
                 self.intake.provisional.len(),
-                report.failed.len()
+                report.failed.len() + wg_failed.len()
             );
         }
     }
@@ -322,7 +325,7 @@ impl<B: Backend> Reconciler<B> {
                 w.planes[i] = (want.clone(), devices, scope);
             }
         }
-        let have = match self.nl.observe(devices, scope, self.planes[i].adopt).await {
+        let have = match self.observe(i, devices, scope).await {
             Ok(o) => o,
             Err(e) => {
                 self.fail_reason =
@@ -399,14 +402,24 @@ impl<B: Backend> Reconciler<B> {
         }
         tracing::debug!("diff (full={full}): {d:?}");
         let report = self.nl.apply(d, devices).await;
+        let wg_failed = self.apply_wg(self.planes[i].v6, d).await;
         self.metrics.count_netlink(&report);
         for e in report.failed.iter().take(5) {
+            tracing::warn!("{e}");
+        }
+        for e in wg_failed.iter().take(5) {
             tracing::warn!("{e}");
         }
         if let Some(e) = report.failed.first() {
             self.fail_reason = format!(
                 "{} of {} kernel changes failed, e.g. {e}",
-                report.failed.len(),
+                report.failed.len() + wg_failed.len(),
+                d.ops()
+            );
+        } else if let Some(e) = wg_failed.first() {
+            self.fail_reason = format!(
+                "{} of {} kernel changes failed, e.g. {e}",
+                wg_failed.len(),
                 d.ops()
             );
         }
@@ -416,18 +429,63 @@ impl<B: Backend> Reconciler<B> {
         if d.ops() > 1000 {
             release_freed_memory();
         }
+        let wg = d.wg.set.len() + d.wg.del.len();
         tracing::info!(
-            "programmed {} peers ({}): {} changes ({} routes, {} neighbours, {} fdb) in {:?}{}",
+            "programmed {} peers ({}): {} changes ({} routes, {} neighbours, {} fdb{}) in {:?}{}",
             self.intake.peers.len(),
             self.planes[i].name(),
             d.ops(),
             d.routes.set.len() + d.routes.del.len(),
             d.neighs.set.len() + d.neighs.del.len(),
             d.fdb.set.len() + d.fdb.del.len() + d.fdb_extra.len(),
+            if wg > 0 {
+                format!(", {wg} wireguard peers")
+            } else {
+                String::new()
+            },
             started.elapsed(),
             if full { " (full check)" } else { "" }
         );
-        report.failed.is_empty()
+        report.failed.is_empty() && wg_failed.is_empty()
+    }
+
+    /// The kernel's entries of one family as the diff sees them: rtnetlink's
+    /// routes/neighbours/FDB, plus the backend's WireGuard peers.
+    async fn observe(
+        &mut self,
+        i: usize,
+        devices: Devices,
+        scope: Scope,
+    ) -> anyhow::Result<crate::dataplane::model::Observed> {
+        let mut o = self.nl.observe(devices, scope, self.planes[i].adopt).await?;
+        o.state.wg = self.backend.observe_peers(self.planes[i].v6).await?;
+        Ok(o)
+    }
+
+    /// The WireGuard part of a diff, counted like netlink requests.
+    async fn apply_wg(&mut self, v6: bool, d: &Diff) -> Vec<String> {
+        if d.wg.is_empty() {
+            return vec![];
+        }
+        let failed = self.backend.apply_peers(v6, &d.wg).await;
+        let count = |op: &'static str, n: usize| {
+            self.metrics
+                .netlink_ops
+                .get_or_create(&crate::metrics::NetlinkLabels { op, kind: "wgpeer" })
+                .inc_by(n as u64);
+        };
+        count("set", d.wg.set.len());
+        count("delete", d.wg.del.len());
+        if !failed.is_empty() {
+            self.metrics
+                .netlink_errors
+                .get_or_create(&crate::metrics::NetlinkLabels {
+                    op: "set",
+                    kind: "wgpeer",
+                })
+                .inc_by(failed.len() as u64);
+        }
+        failed
     }
 }
 

@@ -54,10 +54,10 @@ pub fn lease_value(req: &LeaseRequest, v4: bool) -> String {
         req.data.type_name()
     );
     // host-gw has no backend data; upstream omits the empty field.
-    if let (true, BackendData::Vxlan(_)) = (v4, req.data) {
+    if v4 && !matches!(req.data, BackendData::HostGw) {
         s.push_str(&format!(r#","BackendData":{}"#, req.data.to_json()));
     }
-    if let Some(d @ BackendData::Vxlan(_)) = req.data_v6 {
+    if let Some(d) = req.data_v6.filter(|d| !matches!(d, BackendData::HostGw)) {
         s.push_str(&format!(r#","BackendV6Data":{}"#, d.to_json()));
     }
     s.push('}');

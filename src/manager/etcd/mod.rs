@@ -65,7 +65,7 @@ pub struct EtcdManager {
     metrics: Arc<Metrics>,
 }
 
-mod codec;
+pub(crate) mod codec;
 mod lease;
 mod peers;
 
