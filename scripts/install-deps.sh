@@ -15,7 +15,8 @@ export DEBIAN_FRONTEND=noninteractive
 need_pkgs=()
 for p in etcd-server etcd-client containernetworking-plugins iptables nftables iproute2 openssl iputils-ping protobuf-compiler libprotobuf-dev \
          buildah busybox-static systemd prometheus \
-         curl procps kmod ca-certificates jq bc time; do
+         curl procps kmod ca-certificates jq bc time \
+         tcpdump wireguard-tools iperf3 qemu-system-x86; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 

@@ -17,7 +17,7 @@
 #            [--ip 4|dual|6]
 #   node-add <lab> <i> [--no-api]        add node namespace i (and its Node object)
 #   node-object <lab> <i>                create Node object node<i> (podCIDR 10.244.<i-1>.0/24)
-#   flannel-start <lab> <i> [flanneld args...]
+#   flannel-start <lab> <i> [flanneld args...]   (env: NET_CONF, WIREGUARD_KEY_FILE, FLANNEL_WG_IMPL)
 #   flannel-stop <lab> <i> [TERM|KILL]
 #   pod-add <lab> <i> <pod>              prints the pod's IP (IPv4 if it has one)
 #   pod-ip <lab> <i> <pod> 4|6           the pod's address in one family
@@ -313,7 +313,8 @@ cmd_flannel_start() {
   [ -x "$FLANNELD" ] || die "$FLANNELD not built"
   local args=(--subnet-file "$DIR/n$i/subnet.env")
   if [ "$mode" = kube ]; then
-    args+=(--kube-subnet-mgr --kubeconfig-file "$DIR/flannel.kubeconfig" --net-config-path "$DIR/net-conf.json")
+    # NET_CONF: this node's own net-conf file (e.g. another PSK); default the lab's.
+    args+=(--kube-subnet-mgr --kubeconfig-file "$DIR/flannel.kubeconfig" --net-config-path "${NET_CONF:-$DIR/net-conf.json}")
   else
     args+=(--etcd-endpoints "http://$CP_IP:2379")
   fi
@@ -321,7 +322,9 @@ cmd_flannel_start() {
   # (POD_NAME/POD_NAMESPACE set by the caller); otherwise NODE_NAME names it.
   local who=(NODE_NAME="node$i")
   [ -z "${POD_NAME:-}" ] || who=(-u NODE_NAME POD_NAME="$POD_NAME" POD_NAMESPACE="${POD_NAMESPACE:-kube-flannel}")
+  # Each node keeps its own WireGuard key (upstream's /run/flannel/wgkey is one host's).
   netns_exec_bg "$(ns "n$i")" env "${who[@]}" RUST_LOG="${RUST_LOG:-info}" \
+    WIREGUARD_KEY_FILE="${WIREGUARD_KEY_FILE:-$DIR/n$i/wgkey}" FLANNEL_WG_SOCKET_DIR="$DIR/n$i/wireguard" \
     "$FLANNELD" "${args[@]}" "$@" >>"$DIR/n$i/flanneld.log" 2>&1 &
   echo $! >"$DIR/n$i/flanneld.pid"
   echo $!
@@ -379,7 +382,7 @@ cmd_pod_ip() {
 
 cmd_dump() {
   local i=$1 n dev; n=$(ns "n$i")
-  local devs; devs=$(ipn "$n" -o link show type vxlan 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1)
+  local devs; devs=$( { ipn "$n" -o link show type vxlan; ipn "$n" -o link show type wireguard; ipn "$n" -o link show type tun; } 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1)
   echo "== node$i ($(node_ip "$i"))"
   for dev in $devs; do
     echo "-- ip -d link show $dev"; ipn "$n" -d link show "$dev"

@@ -25,7 +25,7 @@ fn init_logging(flags: &Flags) {
     // agent logs the same failures (rate-limited, with context), so at the default
     // level those lines are left out. -v or RUST_LOG brings them back.
     let default = if flags.verbosity == 0 {
-        format!("{level},kube_client=off,kube_runtime=off")
+        format!("{level},kube_client=off,kube_runtime=off,boringtun=warn")
     } else {
         level.to_string()
     };

@@ -438,7 +438,9 @@ fn backend(v: Option<&Value>) -> Result<BackendConf, ConfigError> {
         t if UPSTREAM_ONLY_BACKENDS.contains(&t) => Err(unsupported(t, "")),
         t => Err(err(
             "Backend.Type",
-            format!("unknown backend type {t:?} (flannel-rs supports vxlan, host-gw and wireguard)"),
+            format!(
+                "unknown backend type {t:?} (flannel-rs supports vxlan, host-gw and wireguard)"
+            ),
         )),
     }
 }
@@ -741,7 +743,10 @@ mod tests {
             (r#""Mode":"both""#, "Backend.Mode"),
             (r#""ListenPort":70000"#, "Backend.ListenPort"),
             (r#""MTU":100"#, "Backend.MTU"),
-            (r#""PersistentKeepaliveInterval":-1"#, "Backend.PersistentKeepaliveInterval"),
+            (
+                r#""PersistentKeepaliveInterval":-1"#,
+                "Backend.PersistentKeepaliveInterval",
+            ),
         ] {
             let e = bad(&format!(
                 r#"{{"Network":"10.244.0.0/16","Backend":{{"Type":"wireguard",{json}}}}}"#

@@ -21,7 +21,8 @@ use crate::manager::{LeaseEvent, LeaseRequest, SubnetManager};
 use crate::metrics::Metrics;
 use crate::reconcile::intake::Intake;
 use crate::reconcile::{
-    follow_netlink, follow_wireguard, planes, release_freed_memory, show, Reconciler, Watched, SAFETY_RESYNC,
+    follow_netlink, follow_wireguard, planes, release_freed_memory, show, Reconciler, Watched,
+    SAFETY_RESYNC,
 };
 use crate::subnet_env::SubnetEnv;
 use crate::supervisor::Supervisor;

@@ -104,7 +104,7 @@ pub async fn follow_wireguard(
                     .filter(|(_, _, scope)| scope.network.is_ipv6() == d.v6)
                     .any(|(want, _, _)| want.wg != st.peers)
             };
-            if peers_differ || st.private_key != Some(d.private) || st.listen_port != d.port {
+            if peers_differ || !st.holds_key(&d.private) || st.listen_port != d.port {
                 drift = true;
             }
             stats.extend(st.stats.into_values());

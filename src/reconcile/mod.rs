@@ -457,7 +457,10 @@ impl<B: Backend> Reconciler<B> {
         devices: Devices,
         scope: Scope,
     ) -> anyhow::Result<crate::dataplane::model::Observed> {
-        let mut o = self.nl.observe(devices, scope, self.planes[i].adopt).await?;
+        let mut o = self
+            .nl
+            .observe(devices, scope, self.planes[i].adopt)
+            .await?;
         o.state.wg = self.backend.observe_peers(self.planes[i].v6).await?;
         Ok(o)
     }

@@ -20,9 +20,23 @@ pub struct PeerStats {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceState {
     pub private_key: Option<Key>,
+    /// The device's public key (boringtun reports only this, not the private one).
+    pub public_key: Option<Key>,
     pub listen_port: u16,
     pub peers: BTreeMap<Key, WgPeer>,
     pub stats: BTreeMap<Key, PeerStats>,
+}
+
+impl DeviceState {
+    /// Whether the device holds the private key `k` (by its public key when
+    /// the device does not tell its private one).
+    pub fn holds_key(&self, k: &Key) -> bool {
+        match (self.private_key, self.public_key) {
+            (Some(p), _) => p == *k,
+            (None, Some(public)) => public == k.public(),
+            (None, None) => false,
+        }
+    }
 }
 
 /// Which implementation serves a device.

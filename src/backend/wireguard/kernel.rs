@@ -13,7 +13,7 @@ use netlink_packet_wireguard::{
     WireguardCmd, WireguardMessage, WireguardPeer, WireguardPeerAttribute, WireguardPeerFlags,
 };
 
-use super::device::{DeviceState, PeerStats};
+use super::device::DeviceState;
 use super::key::Key;
 use crate::dataplane::model::{Changes, WgPeer};
 
@@ -101,11 +101,8 @@ impl Genl {
     }
 
     pub async fn set_peers(&self, c: &Changes<Key, WgPeer>) -> Vec<String> {
-        let mut all: Vec<(Key, WireguardPeer)> = c
-            .del
-            .iter()
-            .map(|(k, _)| (*k, remove_peer(k)))
-            .collect();
+        let mut all: Vec<(Key, WireguardPeer)> =
+            c.del.iter().map(|(k, _)| (*k, remove_peer(k))).collect();
         all.extend(c.set.iter().map(|(k, p)| (*k, set_peer(k, p))));
         let mut failed = Vec::new();
         for chunk in all.chunks(BATCH) {
@@ -169,6 +166,7 @@ fn fold(parts: Vec<WireguardMessage>) -> DeviceState {
         for a in m.attributes {
             match a {
                 WireguardAttribute::PrivateKey(k) if k != [0; 32] => st.private_key = Some(Key(k)),
+                WireguardAttribute::PublicKey(k) if k != [0; 32] => st.public_key = Some(Key(k)),
                 WireguardAttribute::ListenPort(p) => st.listen_port = p,
                 WireguardAttribute::Peers(peers) => {
                     for p in peers {
@@ -208,7 +206,7 @@ fn read_peer(
             Vec::new(),
         )
     });
-    let stats = st.stats.entry(key).or_insert(PeerStats::default());
+    let stats = st.stats.entry(key).or_default();
     for a in p.0 {
         match a {
             WireguardPeerAttribute::PresharedKey(k) => peer.psk = (k != [0; 32]).then_some(Key(k)),

@@ -128,9 +128,7 @@ impl Wireguard {
 
     /// The device carrying family `v6`'s traffic.
     fn dev_index(&self, v6: bool) -> Option<usize> {
-        self.devs
-            .iter()
-            .position(|d| if v6 { d.v6 } else { d.v4 })
+        self.devs.iter().position(|d| if v6 { d.v6 } else { d.v4 })
     }
 
     /// Whether family `v6`'s plane holds the device's peers: each family in
@@ -138,7 +136,7 @@ impl Wireguard {
     fn owns_peers(&self, v6: bool) -> bool {
         match self.conf.mode {
             WgMode::Separate => true,
-            _ => v6 == !self.v4,
+            _ => v6 != self.v4,
         }
     }
 
@@ -166,7 +164,11 @@ impl Wireguard {
                 }
             }
         }
-        *self.probe.devices.write().unwrap_or_else(|e| e.into_inner()) = v;
+        *self
+            .probe
+            .devices
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = v;
     }
 
     /// Finds, adopts or creates device `i`; true if it was (re)created.
@@ -179,7 +181,10 @@ impl Wireguard {
                 if !matches!(self.devs[i].ctl, Some(Control::Kernel(_)))
                     || self.devs[i].link.as_ref().map(|x| x.index) != Some(l.index)
                 {
-                    tracing::info!("adopting the kernel WireGuard device {name} (index {})", l.index);
+                    tracing::info!(
+                        "adopting the kernel WireGuard device {name} (index {})",
+                        l.index
+                    );
                     self.devs[i].ctl = Some(Control::Kernel(kernel::Genl::connect(name)?));
                 }
                 self.finish_link(nl, i, l).await?;
@@ -237,9 +242,8 @@ impl Wireguard {
                     return Ok(());
                 }
                 Err(e) if self.imp == WgImpl::Kernel => {
-                    return Err(e).context(
-                        "creating the kernel WireGuard device (FLANNEL_WG_IMPL=kernel)",
-                    )
+                    return Err(e)
+                        .context("creating the kernel WireGuard device (FLANNEL_WG_IMPL=kernel)")
                 }
                 Err(e) => {
                     tracing::warn!(
@@ -271,8 +275,8 @@ impl Wireguard {
         let d = &self.devs[i];
         let ctl = d.ctl.as_ref().context("no control channel")?;
         let st = ctl.get().await?;
-        if st.private_key != Some(key) || st.listen_port != d.port {
-            if st.private_key.is_some() {
+        if !st.holds_key(&key) || st.listen_port != d.port {
+            if st.private_key.is_some() || st.public_key.is_some() {
                 tracing::warn!(
                     "{} holds another key or port ({}); restoring ours",
                     d.name,
@@ -334,7 +338,12 @@ impl Wireguard {
     }
 
     /// Pure: the WireGuard peer for a lease, on the plane that holds peers.
-    fn peer(&self, ext: &ExternalInterface, lease: &Lease, v6: bool) -> Result<Option<(Key, WgPeer)>, String> {
+    fn peer(
+        &self,
+        ext: &ExternalInterface,
+        lease: &Lease,
+        v6: bool,
+    ) -> Result<Option<(Key, WgPeer)>, String> {
         let v4_sub = lease.subnet.filter(|_| self.v4);
         let v6_sub = lease.ipv6_subnet.filter(|_| self.v6);
         let data = |d: Option<BackendData>| -> Result<Option<WireguardData>, String> {
@@ -347,7 +356,11 @@ impl Wireguard {
                 )),
             }
         };
-        let d4 = if v4_sub.is_some() { data(Some(lease.backend))? } else { None };
+        let d4 = if v4_sub.is_some() {
+            data(Some(lease.backend))?
+        } else {
+            None
+        };
         let d6 = if v6_sub.is_some() {
             data(lease.backend_v6.or(Some(lease.backend)))?
         } else {
@@ -366,7 +379,8 @@ impl Wireguard {
         let psk = self.conf.psk.map(Key);
         let keepalive = self.conf.keepalive;
         let made = |k: Key, endpoint: Option<SocketAddr>, nets: Vec<IpNetwork>| {
-            let endpoint = endpoint.ok_or_else(|| "no public address for its endpoint".to_string())?;
+            let endpoint =
+                endpoint.ok_or_else(|| "no public address for its endpoint".to_string())?;
             Ok(Some((
                 k,
                 WgPeer {
@@ -379,15 +393,25 @@ impl Wireguard {
         };
         if self.conf.mode == WgMode::Separate {
             return match (v6, d4, d6) {
-                (false, Some(d), _) => made(d.public_key, ep4(&d, self.conf.listen_port), v4_sub.into_iter().collect()),
-                (true, _, Some(d)) => made(d.public_key, ep6(&d, self.conf.listen_port_v6), v6_sub.into_iter().collect()),
+                (false, Some(d), _) => made(
+                    d.public_key,
+                    ep4(&d, self.conf.listen_port),
+                    v4_sub.into_iter().collect(),
+                ),
+                (true, _, Some(d)) => made(
+                    d.public_key,
+                    ep6(&d, self.conf.listen_port_v6),
+                    v6_sub.into_iter().collect(),
+                ),
                 _ => Ok(None),
             };
         }
         if !self.owns_peers(v6) {
             return Ok(None);
         }
-        let Some(any) = d4.or(d6) else { return Ok(None) };
+        let Some(any) = d4.or(d6) else {
+            return Ok(None);
+        };
         let nets: Vec<IpNetwork> = v4_sub.into_iter().chain(v6_sub).collect();
         let port = self.conf.listen_port;
         let use_v6 = match self.conf.mode {
@@ -436,7 +460,9 @@ impl Backend for Wireguard {
         self.mtu = base
             .checked_sub(OVERHEAD)
             .filter(|m| *m >= 68)
-            .with_context(|| format!("MTU {base} leaves no room for WireGuard's {OVERHEAD} bytes"))?;
+            .with_context(|| {
+                format!("MTU {base} leaves no room for WireGuard's {OVERHEAD} bytes")
+            })?;
         for i in 0..self.devs.len() {
             self.ensure_device(nl, i).await?;
             self.ensure_identity(i).await?;
@@ -455,7 +481,12 @@ impl Backend for Wireguard {
         tracing::info!(
             "WireGuard public key {public} ({}), listening on {}",
             self.flavor().map(Flavor::name).unwrap_or("?"),
-            [p4, p6].iter().flatten().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+            [p4, p6]
+                .iter()
+                .flatten()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         Ok(Prepared {
             mtu: self.mtu,
@@ -464,7 +495,12 @@ impl Backend for Wireguard {
         })
     }
 
-    async fn configure(&mut self, nl: &Netlink, _ext: &ExternalInterface, own: &Lease) -> anyhow::Result<bool> {
+    async fn configure(
+        &mut self,
+        nl: &Netlink,
+        _ext: &ExternalInterface,
+        own: &Lease,
+    ) -> anyhow::Result<bool> {
         let mut changed = false;
         for i in 0..self.devs.len() {
             changed |= self.ensure_device(nl, i).await?;
@@ -492,7 +528,12 @@ impl Backend for Wireguard {
         }
     }
 
-    fn entries(&self, ext: &ExternalInterface, lease: &Lease, v6: bool) -> Result<Option<PeerEntries>, String> {
+    fn entries(
+        &self,
+        ext: &ExternalInterface,
+        lease: &Lease,
+        v6: bool,
+    ) -> Result<Option<PeerEntries>, String> {
         Ok(self.peer(ext, lease, v6)?.map(|p| PeerEntries {
             wg: Some(p),
             ..Default::default()
@@ -514,7 +555,10 @@ impl Backend for Wireguard {
             return vec![];
         }
         let Some(ctl) = self.dev_index(v6).and_then(|i| self.devs[i].ctl.clone()) else {
-            return vec![format!("no WireGuard device for {} peers", if v6 { "IPv6" } else { "IPv4" })];
+            return vec![format!(
+                "no WireGuard device for {} peers",
+                if v6 { "IPv6" } else { "IPv4" }
+            )];
         };
         ctl.set_peers(c).await
     }

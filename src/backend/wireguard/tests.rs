@@ -72,7 +72,10 @@ fn backend_data_is_upstreams_json_byte_for_byte() {
         public_key: PK.parse().unwrap(),
         port: Some(51820),
     });
-    assert_eq!(d.to_json(), format!(r#"{{"PublicKey":"{PK}","Port":51820}}"#));
+    assert_eq!(
+        d.to_json(),
+        format!(r#"{{"PublicKey":"{PK}","Port":51820}}"#)
+    );
     assert_eq!(BackendData::parse("wireguard", &d.to_json()).unwrap(), d);
     // Before v0.26.6 upstream wrote no Port.
     let old = BackendData::parse("wireguard", &format!(r#"{{"PublicKey":"{PK}"}}"#)).unwrap();
@@ -137,7 +140,10 @@ fn separate_mode_gives_each_family_its_own_peer_and_port() {
     assert_eq!(p4.endpoint, "198.18.0.2:6000".parse().unwrap());
     assert_eq!(p4.allowed, [Some("10.244.2.0/24".parse().unwrap()), None]);
     assert_eq!(p6.endpoint, "[2001:db8::2]:6001".parse().unwrap());
-    assert_eq!(p6.allowed, [Some("fd00:10:244:2::/64".parse().unwrap()), None]);
+    assert_eq!(
+        p6.allowed,
+        [Some("fd00:10:244:2::/64".parse().unwrap()), None]
+    );
     assert_eq!((p4.psk, p4.keepalive), (None, 0));
     // The devices: flannel-wg and flannel-wg-v6 on their own ports.
     let names: Vec<_> = b.devs.iter().map(|d| (d.name, d.port)).collect();
@@ -191,7 +197,10 @@ fn single_device_modes_hold_one_peer_with_both_subnets() {
         assert_eq!(p.endpoint.is_ipv6(), v6_endpoint, "{mode}");
         // The IPv6 plane holds nothing of its own: the one device is the IPv4 plane's.
         assert_eq!(peer_of(&b, &l, true), None, "{mode}");
-        assert_eq!(b.devices(&ext(), true).overlay, b.devices(&ext(), false).overlay);
+        assert_eq!(
+            b.devices(&ext(), true).overlay,
+            b.devices(&ext(), false).overlay
+        );
     }
 }
 

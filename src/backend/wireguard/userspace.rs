@@ -28,12 +28,82 @@ const BATCH: usize = 256;
 pub struct Uapi {
     name: String,
     stream: Arc<Mutex<UnixStream>>,
+    /// The same socket, for shutting it down while a request holds the lock.
+    closer: Arc<UnixStream>,
 }
 
 /// A running userspace device: it lives as long as this value (and the process).
 pub struct UserDevice {
     handle: Option<DeviceHandle>,
     pub uapi: Uapi,
+    /// Serves `wg` on `<dir>/<name>.sock`, as every userspace WireGuard does.
+    socket: Option<(std::path::PathBuf, crate::reconcile::drift::AbortOnDrop<()>)>,
+}
+
+/// Where the control socket goes: `FLANNEL_WG_SOCKET_DIR`, else the one `wg`
+/// looks in.
+pub fn socket_dir() -> std::path::PathBuf {
+    std::env::var_os("FLANNEL_WG_SOCKET_DIR")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/run/wireguard".into())
+}
+
+/// Serves the configuration protocol on a Unix socket for `wg show`,
+/// forwarding `get` to the device. `set` is refused (EPERM): the agent owns
+/// the device, and boringtun aborts on some valid requests (changing a peer in
+/// place), which must not take the node's dataplane down.
+fn serve_socket(
+    uapi: &Uapi,
+) -> anyhow::Result<(std::path::PathBuf, crate::reconcile::drift::AbortOnDrop<()>)> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let dir = socket_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{}.sock", uapi.name));
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    let uapi = uapi.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((conn, _)) = listener.accept().await {
+            let uapi = uapi.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = conn.into_split();
+                let mut r = tokio::io::BufReader::new(r);
+                let mut req = String::new();
+                // One request: lines up to a blank one (bounded in size and time).
+                let read = async {
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).await.ok()? == 0 || req.len() > 1 << 20 {
+                            return None;
+                        }
+                        req.push_str(&line);
+                        if line == "\n" {
+                            return Some(());
+                        }
+                    }
+                };
+                if tokio::time::timeout(REQUEST_TIMEOUT, read)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_none()
+                {
+                    return;
+                }
+                let reply = if req.starts_with("get=1\n") {
+                    uapi.request("get=1\n\n".into()).await.ok()
+                } else {
+                    Some(format!("errno={}\n\n", -libc::EPERM))
+                };
+                if let Some(reply) = reply {
+                    let _ = w.write_all(reply.as_bytes()).await;
+                }
+            });
+        }
+    });
+    Ok((path, crate::reconcile::drift::AbortOnDrop(task)))
 }
 
 /// Starts a userspace device `name` in this network namespace.
@@ -47,37 +117,59 @@ pub fn start(name: &str) -> anyhow::Result<UserDevice> {
         use_multi_queue: true,
         uapi_fd: theirs.into_raw_fd(),
     };
-    let handle = DeviceHandle::new(name, config)
-        .map_err(|e| anyhow::anyhow!("starting userspace WireGuard {name}: {e:?}"))?;
+    // The device's threads inherit the signal mask of the thread that starts
+    // them: with every signal blocked there, the agent's signals (SIGCHLD of
+    // every iptables run, SIGTERM) never interrupt their polls.
+    let owned = name.to_string();
+    let handle = std::thread::spawn(move || {
+        let all = nix::sys::signal::SigSet::all();
+        let _ = nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(&all),
+            None,
+        );
+        DeviceHandle::new(&owned, config)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("starting userspace WireGuard {name}: the thread panicked"))?
+    .map_err(|e| anyhow::anyhow!("starting userspace WireGuard {name}: {e:?}"))?;
+    let closer = Arc::new(ours.try_clone().context("duplicating the control socket")?);
+    let uapi = Uapi {
+        name: name.to_string(),
+        stream: Arc::new(Mutex::new(ours)),
+        closer,
+    };
+    let socket = match serve_socket(&uapi) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("no control socket for `wg` on {name}: {e:#}");
+            None
+        }
+    };
     Ok(UserDevice {
         handle: Some(handle),
-        uapi: Uapi {
-            name: name.to_string(),
-            stream: Arc::new(Mutex::new(ours)),
-        },
+        uapi,
+        socket,
     })
 }
 
 impl UserDevice {
-    /// Stops the device (its TUN goes away) and waits for its threads.
+    /// Stops the device: dropping boringtun's handle tells its threads to
+    /// exit (they close their TUN queues as they go); nothing waits for them.
     pub async fn stop(mut self) {
-        self.uapi.close();
-        if let Some(mut h) = self.handle.take() {
-            let _ = tokio::time::timeout(
-                Duration::from_secs(5),
-                tokio::task::spawn_blocking(move || h.wait()),
-            )
-            .await;
+        if let Some((path, _task)) = self.socket.take() {
+            let _ = std::fs::remove_file(path);
         }
+        self.uapi.close();
+        drop(self.handle.take());
     }
 }
 
 impl Uapi {
     /// Closing our end makes the device exit.
     fn close(&self) {
-        if let Ok(s) = self.stream.lock() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
+        // Also ends a request blocked on a device that stopped answering.
+        let _ = self.closer.shutdown(std::net::Shutdown::Both);
     }
 
     async fn request(&self, text: String) -> anyhow::Result<String> {
@@ -129,26 +221,26 @@ impl Uapi {
 
     pub async fn set_peers(&self, c: &Changes<Key, WgPeer>) -> Vec<String> {
         let mut failed = Vec::new();
-        let dels: Vec<_> = c.del.clone();
-        let sets: Vec<_> = c.set.clone();
-        let mut chunks: Vec<Changes<Key, WgPeer>> = dels
-            .chunks(BATCH)
-            .map(|d| Changes {
-                set: vec![],
-                del: d.to_vec(),
-            })
-            .collect();
-        chunks.extend(sets.chunks(BATCH).map(|s| Changes {
-            set: s.to_vec(),
-            del: vec![],
-        }));
-        for ch in chunks {
-            if let Err(e) = self.set(uapi::set_peers(&ch)).await {
-                failed.push(format!(
-                    "{} peer changes on {}: {e:#}",
-                    ch.set.len() + ch.del.len(),
-                    self.name
-                ));
+        // Bounded requests: the diff in slices of BATCH peers, each slice's
+        // removals before its additions.
+        let mut dels = c.del.chunks(BATCH);
+        let mut sets = c.set.chunks(BATCH);
+        loop {
+            let ch = Changes {
+                del: dels.next().map(<[_]>::to_vec).unwrap_or_default(),
+                set: sets.next().map(<[_]>::to_vec).unwrap_or_default(),
+            };
+            if ch.is_empty() {
+                break;
+            }
+            for req in uapi::set_peers(&ch) {
+                if let Err(e) = self.set(req).await {
+                    failed.push(format!(
+                        "{} peer changes on {}: {e:#}",
+                        ch.set.len() + ch.del.len(),
+                        self.name
+                    ));
+                }
             }
         }
         failed
