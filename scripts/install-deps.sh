@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything the flannel-rs tests and demo need on a fresh Debian 12 machine (root).
+# Installs everything the flannel-rs tests and demo need on a fresh Debian 12 machine (root):
+# Debian packages, kube-apiserver/kubectl built from source, and the kernel VM's kernel.
 # Idempotent: a second run only checks. kube-apiserver is built once from Debian's
 # `kubernetes` source package and cached in $KUBE_CACHE.
 set -euo pipefail
@@ -16,7 +17,7 @@ need_pkgs=()
 for p in etcd-server etcd-client containernetworking-plugins iptables nftables iproute2 openssl iputils-ping protobuf-compiler libprotobuf-dev \
          buildah busybox-static systemd prometheus \
          curl procps kmod ca-certificates jq bc time \
-         tcpdump wireguard-tools iperf3 qemu-system-x86; do
+         tcpdump wireguard-tools iperf3 qemu-system-x86 xz-utils; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 
@@ -70,4 +71,6 @@ if [ ! -x "$KUBE_APISERVER" ] || [ ! -x "$KUBECTL" ]; then
 fi
 "$KUBE_APISERVER" --version >&2
 "$KUBECTL" version --client --short >&2 2>/dev/null || true
+# The kernel VM's kernel (Debian 12's linux-image) and initramfs, for the kernel-path tests.
+bash "$(dirname "$0")/kernel-vm.sh" prepare
 log "ok"

@@ -582,3 +582,146 @@ fn dual_stack_in_separate_and_auto_modes() {
         assert!(lab.reaches("n1-a", &b6, 2), "{mode}: IPv6");
     }
 }
+
+/// Starts node `n`'s agent with the kernel's or the userspace WireGuard forced.
+fn start_with(lab: &Lab, n: u32, imp: &str) {
+    lab.start_flannel_env(n, &[("FLANNEL_WG_IMPL", imp)], &[]);
+}
+
+fn kind_of(lab: &Lab, n: u32) -> String {
+    let d = lab.exec(
+        &format!("n{n}"),
+        &["ip", "-d", "link", "show", "flannel-wg"],
+    );
+    if d.contains("wireguard") {
+        "wireguard".into()
+    } else if d.contains("tun") {
+        "tun".into()
+    } else {
+        d
+    }
+}
+
+/// Pings every 20 ms from `from` to `to` while `during` runs; the loss.
+fn loss_during(lab: &Lab, from: &str, to: &str, count: u32, during: impl FnOnce()) -> (u32, u32) {
+    let pinger = lab.ping_bg(from, to, count, "0.02");
+    std::thread::sleep(Duration::from_millis(500));
+    during();
+    let o = pinger.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    ping_counts(&text).unwrap_or_else(|| panic!("no ping summary: {text}"))
+}
+
+/// The kernel path, in the project's kernel VM (scripts/test.sh runs it there):
+/// a mixed cluster of kernel and userspace nodes talks; a kernel node holds
+/// upstream's kernel state, undoes changes made with `wg set`, and keeps its
+/// device, key and peers through an agent SIGTERM + restart and a SIGKILL +
+/// restart with pods pinging every 20 ms losing nothing.
+#[test]
+#[ignore = "needs a kernel with WireGuard: scripts/test.sh runs it in the kernel VM (scripts/kernel-vm.sh)"]
+fn kernel_vm_mixed_cluster_keeps_state_and_repairs_drift() {
+    require_root();
+    let lab = Lab::up("wgk", &["--nodes", "3", "--mode", "etcd", "--net-conf", WG]);
+    start_with(&lab, 1, "kernel");
+    start_with(&lab, 2, "kernel");
+    start_with(&lab, 3, "userspace");
+    wait_wg_peers(&lab, &[1, 2, 3], "flannel-wg");
+    assert_eq!(
+        (kind_of(&lab, 1), kind_of(&lab, 2), kind_of(&lab, 3)),
+        ("wireguard".into(), "wireguard".into(), "tun".into())
+    );
+    let ips: Vec<String> = (1..=3).map(|n| lab.add_pod(n, &format!("p{n}"))).collect();
+    for a in 1..=3usize {
+        for b in 1..=3usize {
+            if a != b {
+                assert!(
+                    lab.reaches(&format!("n{a}-p{a}"), &ips[b - 1], 2),
+                    "p{a} -> p{b}"
+                );
+            }
+        }
+    }
+    // Upstream's kernel state on a kernel node.
+    let (public, port, peers) = wg_state(&lab, 1, "flannel-wg").unwrap();
+    let private: Key = std::fs::read_to_string(lab.dir.join("n1/wgkey"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!((public, port), (private.public().to_string(), 51820));
+    assert_eq!(peers.len(), 2);
+    for p in &peers {
+        assert!(
+            p.endpoint.starts_with("198.18.0.1") && p.endpoint.ends_with(":51820"),
+            "{p:?}"
+        );
+        assert!(
+            p.allowed.starts_with("10.244.") && p.allowed.ends_with("/24"),
+            "{p:?}"
+        );
+    }
+    let routes = lab.on_device(1, &["ip", "route", "show", "dev", "flannel-wg"]);
+    assert_eq!(
+        routes,
+        vec!["10.244.0.0/16 proto 70 scope link".to_string()]
+    );
+    let mtu = lab.exec("n1", &["cat", "/sys/class/net/flannel-wg/mtu"]);
+    assert_eq!(mtu.trim(), "1420");
+
+    // `wg set` by hand: every change undone.
+    let good = wg_state(&lab, 1, "flannel-wg").unwrap();
+    let k = peers[0].key.clone();
+    let keyfile = lab.dir.join("other.key");
+    std::fs::write(&keyfile, Key::generate().to_string()).unwrap();
+    let kf = keyfile.to_str().unwrap().to_string();
+    for (what, args) in [
+        ("a removed peer", vec!["peer", k.as_str(), "remove"]),
+        (
+            "a moved endpoint",
+            vec!["peer", k.as_str(), "endpoint", "192.0.2.9:9"],
+        ),
+        (
+            "changed allowed-ips",
+            vec!["peer", k.as_str(), "allowed-ips", "10.99.0.0/16"],
+        ),
+        ("a replaced key", vec!["private-key", kf.as_str()]),
+        ("another listen port", vec!["listen-port", "40000"]),
+    ] {
+        let mut cmd = vec!["wg", "set", "flannel-wg"];
+        cmd.extend(args);
+        lab.exec("n1", &cmd);
+        assert_ne!(
+            wg_state(&lab, 1, "flannel-wg").as_ref(),
+            Some(&good),
+            "{what}: no change"
+        );
+        wait_until(Duration::from_secs(5), &format!("{what} restored"), || {
+            wg_state(&lab, 1, "flannel-wg").as_ref() == Some(&good)
+        });
+    }
+    assert!(lab.reaches("n2-p2", &ips[0], 2));
+
+    // Restarts: the device, key and peers stay; nothing is lost.
+    let index = lab.exec("n1", &["cat", "/sys/class/net/flannel-wg/ifindex"]);
+    for signal in ["TERM", "KILL"] {
+        let (sent, got) = loss_during(&lab, "n2-p2", &ips[0], 600, || {
+            let starts = lab.flannel_log(1).matches("dataplane ready").count();
+            lab.stop_flannel(1, signal);
+            start_with(&lab, 1, "kernel");
+            wait_until(Duration::from_secs(30), "node1 back", || {
+                lab.flannel_log(1).matches("dataplane ready").count() > starts
+            });
+        });
+        assert_eq!(got, sent, "pings lost across an agent {signal} + restart");
+        assert_eq!(wg_state(&lab, 1, "flannel-wg").as_ref(), Some(&good));
+        assert_eq!(
+            lab.exec("n1", &["cat", "/sys/class/net/flannel-wg/ifindex"]),
+            index,
+            "the device was re-created across a {signal} restart"
+        );
+    }
+    let log = lab.flannel_log(1);
+    assert!(
+        log.contains("adopting the kernel WireGuard device flannel-wg"),
+        "{log}"
+    );
+}
