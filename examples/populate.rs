@@ -5,7 +5,8 @@
 //!   populate etcd <endpoint> <first> <count>     /coreos.com/network/subnets/<subnet> keys with a lease
 //!   populate kube-delete <kubeconfig> <first> <count>, etcd-delete <endpoint> <first> <count>: remove them
 //! Peer k: subnet 10.128.0.0/9 + (256 + k) × /24, public IP 198.19.(k/256).(k%256)
-//! (never contacted), VtepMAC 52:54:00:<k>. Prints the Unix time in ns just before
+//! (never contacted), VtepMAC 52:54:00:<k> (BACKEND=wireguard: a public key
+//! made from k). Prints the Unix time in ns just before
 //! the first request, so a caller can time how long until an agent programs it.
 
 use std::net::Ipv4Addr;
@@ -31,7 +32,20 @@ fn mac(k: u32) -> String {
         k & 255
     )
 }
+/// `BACKEND=wireguard`: WireGuard peers (a public key derived from k, port 51820).
+fn backend() -> &'static str {
+    match std::env::var("BACKEND").as_deref() {
+        Ok("wireguard") => "wireguard",
+        _ => "vxlan",
+    }
+}
 fn data(k: u32) -> String {
+    if backend() == "wireguard" {
+        let mut b = [7u8; 32];
+        b[..4].copy_from_slice(&k.to_be_bytes());
+        let key = flannel::backend::wireguard::key::Key(b);
+        return format!(r#"{{"PublicKey":"{key}","Port":51820}}"#);
+    }
     format!(r#"{{"VNI":1,"VtepMAC":"{}"}}"#, mac(k))
 }
 fn now_ns() -> u128 {
@@ -72,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
                         let node: Node = serde_json::from_value(serde_json::json!({
                             "metadata": { "name": format!("peer-{k}"), "annotations": {
                                 "flannel.alpha.coreos.com/backend-data": data(k),
-                                "flannel.alpha.coreos.com/backend-type": "vxlan",
+                                "flannel.alpha.coreos.com/backend-type": backend(),
                                 "flannel.alpha.coreos.com/kube-subnet-manager": "true",
                                 "flannel.alpha.coreos.com/public-ip": public_ip(k),
                             }},
@@ -100,8 +114,9 @@ async fn main() -> anyhow::Result<()> {
                     async move {
                         let key = format!("/coreos.com/network/subnets/{}", subnet(k).replace('/', "-"));
                         let val = format!(
-                            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{}}}"#,
+                            r#"{{"PublicIP":"{}","PublicIPv6":null,"BackendType":"{}","BackendData":{}}}"#,
                             public_ip(k),
+                            backend(),
                             data(k)
                         );
                         c.put(key, val, Some(etcd_client::PutOptions::new().with_lease(lease))).await?;

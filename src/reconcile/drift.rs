@@ -61,10 +61,11 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// How often the WireGuard devices are read: the kernel sends no notification
-/// when a peer, key or port changes, so this one check reads each device (one
-/// dump of its peers) and compares it with what is wanted — drift is repaired
-/// within this interval plus one pass.
+/// How often the kernel WireGuard devices are read: the kernel sends no
+/// notification when a peer, key or port changes (`wg set`), so this one check
+/// reads each device (one genetlink dump of its peers) and compares it with what
+/// is wanted — drift is repaired within this interval plus one pass. Userspace
+/// devices change only through the agent and are not read.
 pub const WG_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Reads the WireGuard devices every [`WG_CHECK`] and kicks a full check when

@@ -151,7 +151,11 @@ impl Wireguard {
         let Some(private) = self.key else { return };
         let mut v = Vec::new();
         for d in &self.devs {
-            let Some(ctl) = d.ctl.clone() else { continue };
+            // A userspace device changes only through this agent (its socket
+            // refuses `set`): nothing to poll; its loss is a netlink link event.
+            let Some(ctl) = d.ctl.clone().filter(|c| c.flavor() == Flavor::Kernel) else {
+                continue;
+            };
             for v6 in [false, true] {
                 let carries = if v6 { d.v6 } else { d.v4 };
                 if carries && self.owns_peers(v6) {
