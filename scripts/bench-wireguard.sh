@@ -102,7 +102,7 @@ throughput() {
     local srv=$!; sleep 1
     local bps; bps=$(L exec $LAB n1-a iperf3 -c "$b" -t "$SECS" -J 2>/dev/null | jq '.end.sum_received.bits_per_second' || echo 0)
     wait "$srv" 2>/dev/null || true
-    local rtt; rtt=$(L ping $LAB n1-a "$b" 200 0.01 2>/dev/null | awk -F/ '/^rtt/ {print $5 " ms avg, " $7 " ms mdev"}')
+    local rtt; rtt=$(L ping $LAB n1-a "$b" 200 0.01 2>/dev/null | awk -F/ '/^rtt/ {print $5 " ms avg, " $7 " mdev"}')
     printf 'pod → pod over %-22s: %6.0f Mbit/s TCP (iperf3 %s s), RTT %s\n' "$flavor" "$(echo "$bps / 1000000" | bc -l)" "$SECS" "$rtt"
   done
   L down $LAB >/dev/null 2>&1 || true
