@@ -217,47 +217,26 @@ async fn run_agent<M: SubnetManager>(
     queue_depth: usize,
     sup: Supervisor,
 ) -> anyhow::Result<()> {
-    let flags = flags.clone();
-    let metrics = metrics.clone();
+    // One agent per backend type (the backend is a type parameter: no dynamic
+    // dispatch on the reconcile path).
+    macro_rules! agent {
+        ($backend:expr) => {
+            Agent {
+                flags: flags.clone(),
+                conf,
+                manager,
+                backend: $backend,
+                metrics: metrics.clone(),
+                queue_depth,
+                sup,
+            }
+            .run()
+            .await
+        };
+    }
     match Any::from_conf(&conf, wg_impl()?) {
-        Any::Vxlan(backend) => {
-            Agent {
-                flags,
-                conf,
-                manager,
-                backend,
-                metrics,
-                queue_depth,
-                sup,
-            }
-            .run()
-            .await
-        }
-        Any::Wireguard(backend) => {
-            Agent {
-                flags,
-                conf,
-                manager,
-                backend,
-                metrics,
-                queue_depth,
-                sup,
-            }
-            .run()
-            .await
-        }
-        Any::HostGw(backend) => {
-            Agent {
-                flags,
-                conf,
-                manager,
-                backend,
-                metrics,
-                queue_depth,
-                sup,
-            }
-            .run()
-            .await
-        }
+        Any::Vxlan(b) => agent!(b),
+        Any::Wireguard(b) => agent!(b),
+        Any::HostGw(b) => agent!(b),
     }
 }

@@ -147,6 +147,7 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
                 .iter()
                 .map(|p| (State::default(), backend.devices(&ext, p.v6), p.scope))
                 .collect(),
+            known: false,
         }));
         let (kick_tx, kicks) = mpsc::channel(1);
         if let Some(probe) = backend.wg_probe().filter(|_| !planes.is_empty()) {

@@ -490,6 +490,9 @@ mod tests {
         for (k, _) in &d.fdb.del {
             kernel.fdb.remove(k);
         }
+        for (k, _) in &d.wg.del {
+            kernel.wg.remove(k);
+        }
         kernel.absorb(d);
     }
 
@@ -499,7 +502,16 @@ mod tests {
             route: Some((net(&format!("10.244.{subnet}.0/24")), vx(subnet))),
             neigh: Some((ip(&format!("10.244.{subnet}.0")), mac(mac_n))),
             fdb: Some((mac(mac_n), ip(&format!("198.18.0.{host}")))),
-            wg: None,
+            // A WireGuard peer keyed like the FDB entry (one owner per key too).
+            wg: Some((
+                Key([mac_n; 32]),
+                WgPeer {
+                    endpoint: std::net::SocketAddr::new(ip(&format!("198.18.0.{host}")), 51820),
+                    allowed: [Some(net(&format!("10.244.{subnet}.0/24"))), None],
+                    psk: None,
+                    keepalive: 0,
+                },
+            )),
         }
     }
 
@@ -529,7 +541,7 @@ mod tests {
                     None => owned.remove(&peer),
                 };
                 let d = tracker.scoped(&[PeerChange { old, new }]);
-                proptest::prop_assert!(d.ops() <= 6, "one peer's change touched {} entries", d.ops());
+                proptest::prop_assert!(d.ops() <= 8, "one peer's change touched {} entries", d.ops());
                 apply(&mut kernel, &d);
                 tracker.commit(&d);
                 proptest::prop_assert_eq!(tracker.applied(), &kernel);

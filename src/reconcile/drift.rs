@@ -65,8 +65,11 @@ impl<T> Drop for AbortOnDrop<T> {
 /// notification when a peer, key or port changes (`wg set`), so this one check
 /// reads each device (one genetlink dump of its peers) and compares it with what
 /// is wanted — drift is repaired within this interval plus one pass. Userspace
-/// devices change only through the agent and are not read.
+/// devices change only through the agent: they are read only for the gauges.
 pub const WG_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The peer gauges (handshakes, bytes) are refreshed every this many checks.
+pub const WG_STATS_EVERY: u32 = 10;
 
 /// Reads the WireGuard devices every [`WG_CHECK`] and kicks a full check when
 /// one holds other peers, another key or another port than wanted. Also keeps
@@ -80,8 +83,11 @@ pub async fn follow_wireguard(
 ) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(WG_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut turn: u32 = 0;
     loop {
         tick.tick().await;
+        turn = turn.wrapping_add(1);
+        let stats_turn = turn % WG_STATS_EVERY == 1;
         let devices = probe
             .devices
             .read()
@@ -89,7 +95,10 @@ pub async fn follow_wireguard(
             .clone();
         let mut drift = false;
         let mut stats = Vec::new();
-        for d in devices {
+        if !stats_turn && devices.iter().all(|d| !d.check) {
+            continue;
+        }
+        for d in devices.into_iter().filter(|d| d.check || stats_turn) {
             let st = match d.ctl.get().await {
                 Ok(st) => st,
                 Err(e) => {
@@ -100,17 +109,22 @@ pub async fn follow_wireguard(
             };
             let peers_differ = {
                 let w = watched.read().unwrap_or_else(|e| e.into_inner());
-                w.planes
-                    .iter()
-                    .filter(|(_, _, scope)| scope.network.is_ipv6() == d.v6)
-                    .any(|(want, _, _)| want.wg != st.peers)
+                // Until the first full pass, nothing is known to be wanted: the
+                // devices' peers (adopted across a restart) are not drift.
+                w.known
+                    && w.planes
+                        .iter()
+                        .filter(|(_, _, scope)| scope.network.is_ipv6() == d.v6)
+                        .any(|(want, _, _)| want.wg != st.peers)
             };
-            if peers_differ || !st.holds_key(&d.private) || st.listen_port != d.port {
+            if d.check && (peers_differ || !st.holds_key(&d.private) || st.listen_port != d.port) {
                 drift = true;
             }
             stats.extend(st.stats.into_values());
         }
-        metrics.wireguard.observe(&stats);
+        if stats_turn {
+            metrics.wireguard.observe(&stats);
+        }
         if drift && kick.try_send(()).is_err() && kick.is_closed() {
             return Ok(());
         }

@@ -27,6 +27,9 @@ pub const SAFETY_RESYNC: Duration = Duration::from_secs(300);
 #[derive(Default)]
 pub struct Watched {
     pub planes: Vec<(State, Devices, Scope)>,
+    /// A full pass has published what is wanted (before it, an empty wanted
+    /// state means "not known yet", not "nothing").
+    pub known: bool,
 }
 
 /// One address family's dataplane: which routes are ours, and what the kernel
@@ -324,6 +327,7 @@ impl<B: Backend> Reconciler<B> {
             if w.planes[i].0 != want || w.planes[i].1 != devices {
                 w.planes[i] = (want.clone(), devices, scope);
             }
+            w.known = true;
         }
         let have = match self.observe(i, devices, scope).await {
             Ok(o) => o,

@@ -66,6 +66,9 @@ pub struct Probe {
 pub struct ProbeDev {
     /// The plane whose wanted peers this device holds.
     pub v6: bool,
+    /// Compared with what is wanted every check (kernel devices); otherwise read
+    /// only for the peer gauges, every [`crate::reconcile::drift::WG_STATS_EVERY`] checks.
+    pub check: bool,
     pub ctl: Control,
     pub private: Key,
     pub port: u16,
@@ -151,16 +154,15 @@ impl Wireguard {
         let Some(private) = self.key else { return };
         let mut v = Vec::new();
         for d in &self.devs {
-            // A userspace device changes only through this agent (its socket
-            // refuses `set`): nothing to poll; its loss is a netlink link event.
-            let Some(ctl) = d.ctl.clone().filter(|c| c.flavor() == Flavor::Kernel) else {
-                continue;
-            };
+            let Some(ctl) = d.ctl.clone() else { continue };
             for v6 in [false, true] {
                 let carries = if v6 { d.v6 } else { d.v4 };
                 if carries && self.owns_peers(v6) {
                     v.push(ProbeDev {
                         v6,
+                        // A userspace device changes only through this agent (its
+                        // socket refuses `set`); its loss is a netlink link event.
+                        check: ctl.flavor() == Flavor::Kernel,
                         ctl: ctl.clone(),
                         private,
                         port: d.port,
