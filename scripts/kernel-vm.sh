@@ -28,7 +28,11 @@ prepare() {
   # linux-image-amd64 depends on the signed image, whose files are the unsigned one's.
   local pkg
   pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
-  [ -n "$pkg" ] || die "no linux-image package known to apt (apt-get update?)"
+  if [ -z "$pkg" ]; then
+    apt-get update -qq >/dev/null
+    pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+  fi
+  [ -n "$pkg" ] || die "no linux-image package known to apt"
   apt-get download "${pkg%-amd64}-amd64-unsigned" >/dev/null 2>&1 || apt-get download "$pkg" >/dev/null
   dpkg-deb -x ./*.deb root && rm -f ./*.deb
   local K; K=$(ls root/lib/modules); depmod -b "$C/root" "$K"
