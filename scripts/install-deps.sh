@@ -5,6 +5,7 @@
 # `kubernetes` source package and cached in $KUBE_CACHE.
 set -euo pipefail
 
+HERE=$(cd "$(dirname "$0")" && pwd)
 KUBE_CACHE=${KUBE_CACHE:-/var/cache/flannel-rs}
 KUBE_APISERVER=$KUBE_CACHE/kube-apiserver-1.20.2
 KUBECTL=$KUBE_CACHE/kubectl-1.20.2
@@ -72,5 +73,5 @@ fi
 "$KUBE_APISERVER" --version >&2
 "$KUBECTL" version --client --short >&2 2>/dev/null || true
 # The kernel VM's kernel (Debian 12's linux-image) and initramfs, for the kernel-path tests.
-bash "$(dirname "$0")/kernel-vm.sh" prepare
+bash "$HERE/kernel-vm.sh" prepare
 log "ok"
