@@ -77,7 +77,7 @@ wireguard converge: N=$N peers $flavor ($(nproc) cores, $(uname -r))
   RSS after convergence / peak               : $((rss / 1024)) MB / $((hwm / 1024)) MB
   new peer → on the device (ms)              : ${add[*]}
   peer removed → off the device (ms)         : ${del[*]}
-  CPU over 30 s idle (1 s device check)      : ${idle} ms
+  CPU over 30 s idle                         : ${idle} ms
 R
   L down $LAB >/dev/null 2>&1 || true
 }
