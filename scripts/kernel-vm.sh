@@ -19,8 +19,10 @@ set -euo pipefail
 C=${KVM_CACHE:-/var/cache/flannel-rs/kernel-vm}
 die() { echo "kernel-vm: $*" >&2; exit 2; }
 
+# The cache's layout version: a change to the initramfs below bumps it.
+STAMP=v2
 prepare() {
-  [ -f "$C/ready" ] && return 0
+  [ "$(cat "$C/ready" 2>/dev/null)" = "$STAMP" ] && return 0
   for t in qemu-system-x86_64 busybox depmod modinfo gzip xz; do
     command -v "$t" >/dev/null || die "$t missing: run scripts/install-deps.sh"
   done
@@ -59,7 +61,7 @@ mount -t overlay overlay -o lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w /
 K=$(uname -r); C=$(arg kvmcache); mkdir -p /newroot/lib/modules/$K
 mount --bind /newroot$C/root/lib/modules/$K /newroot/lib/modules/$K
 mount --move /proc /newroot/proc; mount --move /sys /newroot/sys; mount --move /dev /newroot/dev
-exec switch_root /newroot /bin/sh -c 'ln -sf /proc/self/fd /dev/fd; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /tmp
+exec switch_root /newroot /bin/sh -c 'ln -sf /proc/self/fd /dev/fd; mount -t tmpfs tmpfs /run
   mkdir -p /dev/shm /dev/pts; mount -t tmpfs tmpfs /dev/shm; mount -t devpts devpts /dev/pts
   hostname kernel-vm; ip link set lo up
   cd "$(sed -n "s/.*kvmcwd=\([^ ]*\).*/\1/p" /proc/cmdline)" 2>/dev/null || cd /
@@ -67,19 +69,19 @@ exec switch_root /newroot /bin/sh -c 'ln -sf /proc/self/fd /dev/fd; mount -t tmp
 INIT
   chmod +x initrd/init
   (cd initrd && find . | busybox cpio -o -H newc 2>/dev/null | gzip) > initrd.gz
-  touch ready
+  echo "$STAMP" > ready
   echo "kernel-vm: prepared $K in $C" >&2
 }
 
 run() {
   local script; script=$(readlink -f "${1:?usage: kernel-vm.sh run SCRIPT [ARGS...]}"); shift
   [ -f "$script" ] || die "no such script: $script"
-  [ -f "$C/ready" ] || prepare
+  prepare
   local K; K=$(ls "$C/root/lib/modules")
-  # The command the VM runs, as a file it sees through the shared root (not /tmp:
-  # the VM mounts its own tmpfs there).
-  local cmdf; cmdf=$(mktemp /var/tmp/kvm-cmd.XXXXXX)
-  local log; log=$(mktemp /var/tmp/kvm-log.XXXXXX)
+  # The command the VM runs, as a file it sees through the shared root (all of
+  # this machine's files are there, /tmp included: a clone under /tmp works).
+  cmdf=$(mktemp /var/tmp/kvm-cmd.XXXXXX)
+  log=$(mktemp /var/tmp/kvm-log.XXXXXX)
   trap 'rm -f "$cmdf" "$log"' EXIT
   { printf 'exec 2>&1\n'; printf '%q ' bash "$script" "$@"; printf '\n'; } > "$cmdf"
   timeout "${KVM_TIMEOUT:-1200}" qemu-system-x86_64 -machine accel=tcg -cpu max \
