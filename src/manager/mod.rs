@@ -14,6 +14,22 @@ use crate::lease::{BackendData, Lease};
 pub mod etcd;
 pub mod kube;
 
+/// An error from either store, however deep in a context chain, waits by what
+/// the store said (see [`crate::retry`]); anything else is retried fast.
+impl crate::retry::Classify for anyhow::Error {
+    fn cause(&self) -> crate::retry::Cause {
+        for e in self.chain() {
+            if let Some(e) = e.downcast_ref::<::kube::Error>() {
+                return e.cause();
+            }
+            if let Some(e) = e.downcast_ref::<etcd_client::Error>() {
+                return e.cause();
+            }
+        }
+        crate::retry::Cause::Unreachable
+    }
+}
+
 /// What this node asks for: how peers reach it, and its backend's data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseRequest {

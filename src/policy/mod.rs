@@ -19,8 +19,10 @@ use std::time::{Duration, Instant};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher::Event;
 use kube::{Api, Client};
+
+use crate::manager::kube::watch::{self, Failure, Item};
 
 use crate::firewall::run::{run_for, run_with};
 use crate::metrics::Metrics;
@@ -259,18 +261,43 @@ fn watch_table(wake: Arc<tokio::sync::Notify>) {
 }
 
 type Changes =
-    futures::stream::SelectAll<futures::stream::BoxStream<'static, Result<Change, watcher::Error>>>;
+    futures::stream::SelectAll<futures::stream::BoxStream<'static, Result<Change, Failure>>>;
+
+/// One kind's list/watch as the events [`State::take`] folds: a list is
+/// Init, its items, InitDone; a failure is passed on to be logged (the
+/// stream itself waits before its next request).
+fn changes<K>(
+    api: Api<K>,
+    wrap: fn(Event<K>) -> Change,
+) -> futures::stream::BoxStream<'static, Result<Change, Failure>>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watch::follow(api, None, 60)
+        .flat_map(move |item| {
+            let out: Vec<Result<Change, Failure>> = match item {
+                Item::Listed(v) => std::iter::once(Event::Init)
+                    .chain(v.into_iter().map(Event::InitApply))
+                    .chain(std::iter::once(Event::InitDone))
+                    .map(|e| Ok(wrap(e)))
+                    .collect(),
+                Item::Applied(o) => vec![Ok(wrap(Event::Apply(o)))],
+                Item::Deleted(o) => vec![Ok(wrap(Event::Delete(o)))],
+                Item::Watching => vec![],
+                Item::Failed(f) => vec![Err(f)],
+            };
+            futures::stream::iter(out)
+        })
+        .boxed()
+}
 
 /// The three watches, from one client.
 fn watches(client: Client) -> Changes {
-    let cfg = watcher::Config::default().timeout(60);
-    let pods =
-        watcher::watcher(Api::<Pod>::all(client.clone()), cfg.clone()).map(|r| r.map(Change::Pod));
-    let nss = watcher::watcher(Api::<Namespace>::all(client.clone()), cfg.clone())
-        .map(|r| r.map(Change::Namespace));
-    let pols =
-        watcher::watcher(Api::<NetworkPolicy>::all(client), cfg).map(|r| r.map(Change::Policy));
-    futures::stream::select_all([pods.boxed(), nss.boxed(), pols.boxed()])
+    futures::stream::select_all([
+        changes(Api::<Pod>::all(client.clone()), Change::Pod),
+        changes(Api::<Namespace>::all(client.clone()), Change::Namespace),
+        changes(Api::<NetworkPolicy>::all(client), Change::Policy),
+    ])
 }
 
 /// Watches pods, namespaces and policies and keeps this node's policy table.
@@ -288,7 +315,6 @@ pub async fn run(
     let mut st = State::default();
     let mut applied: Option<Desired> = None;
     let mut seen: Option<String> = None;
-    let mut backoff = crate::retry::Backoff::default();
     let mut log = crate::retry::Throttle::new("watching pods, namespaces and network policies");
     let mut pending: Option<Instant> = None;
     let mut failed = false;
@@ -299,7 +325,6 @@ pub async fn run(
             c = changes.next() => match c {
                 Some(Ok(c)) => {
                     log.ok();
-                    backoff.reset();
                     if st.take(c) {
                         pending.get_or_insert_with(Instant::now);
                     }
@@ -310,9 +335,8 @@ pub async fn run(
                         }
                     }
                 }
-                Some(Err(e)) => {
-                    log.fail(&e);
-                    tokio::time::sleep(backoff.next_delay()).await;
+                Some(Err(f)) => {
+                    log.fail(&format_args!("{}; retrying in {:.1?}", f.why, f.delay));
                     continue;
                 }
                 None => anyhow::bail!("the pod, namespace and policy watches ended"),

@@ -15,7 +15,7 @@ use super::{taken, EtcdManager, FREE_CANDIDATES};
 use crate::config::netconf::NetConf;
 use crate::lease::Lease;
 use crate::manager::LeaseRequest;
-use crate::retry::{Backoff, Throttle};
+use crate::retry::{Backoff, Classify, Throttle};
 use crate::subnet;
 use crate::subnet_env::SubnetEnv;
 
@@ -337,7 +337,7 @@ impl EtcdManager {
                     return k;
                 }
                 Err(e) => {
-                    let d = backoff.next_delay();
+                    let d = backoff.delay_for(e.cause());
                     log.fail(&format_args!("{e:#}; retrying in {d:.1?}"));
                     tokio::time::sleep(d).await;
                 }
@@ -457,7 +457,7 @@ impl EtcdManager {
                     if let Some(t) = e.downcast_ref::<Taken>() {
                         return Err(taken(t.0.clone()));
                     }
-                    let d = backoff.next_delay();
+                    let d = backoff.delay_for(e.cause());
                     log.fail(&format_args!("{e:#}; retrying in {d:.1?}"));
                     tokio::select! {
                         _ = tokio::time::sleep(d) => {}

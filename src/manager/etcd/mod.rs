@@ -16,7 +16,7 @@ use super::{LeaseEvent, LeaseRequest, SubnetManager};
 use crate::config::netconf::NetConf;
 use crate::lease::Lease;
 use crate::metrics::Metrics;
-use crate::retry::{self, Backoff, Throttle};
+use crate::retry::{self, Backoff, Cause, Classify, Throttle};
 
 /// Upstream's lease TTL.
 pub const LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -101,6 +101,26 @@ fn fatal_transport(debug: &str) -> bool {
     ]
     .iter()
     .any(|w| text.contains(w))
+}
+
+/// A live etcd that sheds load (`ResourceExhausted`: "too many requests"; an
+/// `Unavailable` the server itself sends: "etcdserver: ...", e.g. no leader)
+/// waits as an overloaded API server does; no connection is retried fast.
+impl Classify for etcd_client::Error {
+    fn cause(&self) -> Cause {
+        if let etcd_client::Error::GRpcStatus(s) = self {
+            use tonic::Code;
+            let live = match s.code() {
+                Code::ResourceExhausted => true,
+                Code::Unavailable => s.message().starts_with("etcdserver:"),
+                _ => false,
+            };
+            if live {
+                return Cause::Overloaded { retry_after: None };
+            }
+        }
+        Cause::Unreachable
+    }
 }
 
 impl EtcdManager {
@@ -237,7 +257,7 @@ impl SubnetManager for EtcdManager {
                 }
                 Err(e) if fatal(&e) => return Err(e).with_context(|| format!("reading {key}")),
                 Err(e) => {
-                    let d = backoff.next_delay();
+                    let d = backoff.delay_for(e.cause());
                     log.fail(&format_args!("{e}; retrying in {d:.1?}"));
                     tokio::time::sleep(d).await;
                 }
@@ -268,7 +288,7 @@ impl SubnetManager for EtcdManager {
                 // Running out of subnets does not heal by waiting.
                 Err(e) if e.to_string().starts_with("no free subnet") => return Err(e),
                 Err(e) => {
-                    let d = backoff.next_delay();
+                    let d = backoff.delay_for(e.cause());
                     log.fail(&format_args!("{e:#}; retrying in {d:.1?}"));
                     tokio::time::sleep(d).await;
                 }
@@ -294,10 +314,10 @@ impl SubnetManager for EtcdManager {
                         "etcd watch: reconnected from the node's new address; re-reading"
                     );
                 }
-                WatchEnd::Broke(why) => {
+                WatchEnd::Broke(why, cause) => {
                     self.metrics.store_reconnects.inc();
                     self.metrics.store.down(why.clone());
-                    let d = backoff.next_delay();
+                    let d = backoff.delay_for(cause);
                     log.fail(&format_args!("{why}; re-reading in {d:.1?}"));
                     tokio::time::sleep(d).await;
                 }

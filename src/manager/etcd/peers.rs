@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use super::codec::parse_lease;
 use super::{EtcdManager, WATCH_IDLE};
 use crate::manager::LeaseEvent;
-use crate::retry::{Backoff, Throttle};
+use crate::retry::{Backoff, Cause, Classify, Throttle};
 
 /// How one read-then-watch round ended.
 pub(super) enum WatchEnd {
@@ -16,7 +16,7 @@ pub(super) enum WatchEnd {
     Compacted(i64),
     /// New connections (the node's address changed): read afresh at once.
     Reconnected,
-    Broke(String),
+    Broke(String, Cause),
 }
 
 impl EtcdManager {
@@ -33,7 +33,7 @@ impl EtcdManager {
         let own_name = own.strip_prefix(&prefix).unwrap_or("").to_string();
         let (items, rev) = match self.read_all().await {
             Ok(x) => x,
-            Err(e) => return WatchEnd::Broke(format!("reading leases from etcd: {e}")),
+            Err(e) => return WatchEnd::Broke(format!("reading leases from etcd: {e}"), e.cause()),
         };
         if !own_name.is_empty() && !items.iter().any(|(n, _, _)| *n == own_name) {
             self.lost.notify_one();
@@ -53,7 +53,7 @@ impl EtcdManager {
             .with_start_revision(rev + 1);
         let mut stream = match c.watch(prefix.clone(), Some(opts)).await {
             Ok(s) => s,
-            Err(e) => return WatchEnd::Broke(format!("watching {prefix}: {e}")),
+            Err(e) => return WatchEnd::Broke(format!("watching {prefix}: {e}"), e.cause()),
         };
         backoff.reset();
         log.ok();
@@ -64,19 +64,26 @@ impl EtcdManager {
                 _ = self.restart.notified() => return WatchEnd::Reconnected,
             };
             let resp = match next {
-                Err(_) => return WatchEnd::Broke(format!("etcd watch silent for {WATCH_IDLE:?}")),
-                Ok(Err(e)) => return WatchEnd::Broke(format!("etcd watch broke: {e}")),
-                Ok(Ok(None)) => return WatchEnd::Broke("etcd ended the watch".into()),
+                Err(_) => {
+                    return WatchEnd::Broke(
+                        format!("etcd watch silent for {WATCH_IDLE:?}"),
+                        Cause::Unreachable,
+                    )
+                }
+                Ok(Err(e)) => return WatchEnd::Broke(format!("etcd watch broke: {e}"), e.cause()),
+                Ok(Ok(None)) => {
+                    return WatchEnd::Broke("etcd ended the watch".into(), Cause::Unreachable)
+                }
                 Ok(Ok(Some(r))) => r,
             };
             if resp.compact_revision() > 0 {
                 return WatchEnd::Compacted(resp.compact_revision());
             }
             if resp.canceled() {
-                return WatchEnd::Broke(format!(
-                    "etcd cancelled the watch: {}",
-                    resp.cancel_reason()
-                ));
+                return WatchEnd::Broke(
+                    format!("etcd cancelled the watch: {}", resp.cancel_reason()),
+                    Cause::Unreachable,
+                );
             }
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };

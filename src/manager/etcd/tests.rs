@@ -74,6 +74,40 @@ fn only_configuration_errors_are_fatal() {
 }
 
 #[test]
+fn a_live_etcd_shedding_load_waits_longer_than_no_etcd() {
+    use crate::retry::{Cause, Classify};
+    use tonic::{Code, Status};
+    let s = |c, m: &str| etcd_client::Error::GRpcStatus(Status::new(c, m));
+    let slow = Cause::Overloaded { retry_after: None };
+    assert_eq!(
+        s(Code::ResourceExhausted, "etcdserver: too many requests").cause(),
+        slow
+    );
+    assert_eq!(s(Code::Unavailable, "etcdserver: no leader").cause(), slow);
+    // tonic's own Unavailable: no connection at all.
+    assert_eq!(
+        s(
+            Code::Unavailable,
+            "tcp connect error: Connection refused (os error 111)"
+        )
+        .cause(),
+        Cause::Unreachable
+    );
+    assert_eq!(
+        s(Code::Unauthenticated, "etcdserver: invalid auth token").cause(),
+        Cause::Unreachable
+    );
+    // Through anyhow's context chain, as the lease loops see it.
+    let e = anyhow::Error::new(s(Code::ResourceExhausted, "etcdserver: too many requests"))
+        .context("renewing");
+    assert_eq!(e.cause(), slow);
+    assert_eq!(
+        anyhow::anyhow!("something else").cause(),
+        Cause::Unreachable
+    );
+}
+
+#[test]
 fn key_names_round_trip() {
     let v4: IpNetwork = "10.244.1.0/24".parse().unwrap();
     let v6: IpNetwork = "fd00:10:244:1::/64".parse().unwrap();

@@ -14,7 +14,6 @@ use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::watcher::{self, Event};
 use kube::{Client, Config};
 use tokio::sync::mpsc;
 
@@ -22,7 +21,8 @@ use super::{LeaseEvent, LeaseRequest, PeerRead, SubnetManager};
 use crate::config::netconf::NetConf;
 use crate::lease::Lease;
 use crate::metrics::Metrics;
-use crate::retry::{self, Backoff, Throttle};
+use crate::retry::{self, Throttle};
+use watch::Item;
 
 /// The API server ends each watch after this long and the agent re-watches; with
 /// [`READ_TIMEOUT`] it bounds how long a dead (half-open) connection goes unnoticed.
@@ -30,10 +30,8 @@ const WATCH_TIMEOUT_S: u32 = 60;
 /// No byte from the API server for this long on any request: the connection is dead.
 const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(75);
 
-/// Initial-list items per [`LeaseEvent::Preview`] (the list's page size).
-const PREVIEW_BATCH: usize = 500;
-
 mod codec;
+pub mod watch;
 
 pub use codec::{lease_from_node, names, pod_cidrs, NodeLite, NodeSpecLite};
 
@@ -150,69 +148,60 @@ impl KubeManager {
                 }
             }
         }
-        let cfg = watcher::Config::default()
-            .fields(&format!("metadata.name={}", self.node_name))
-            .timeout(WATCH_TIMEOUT_S);
-        let mut backoff = Backoff::default();
+        let fields = format!("metadata.name={}", self.node_name);
+        let mut stream = std::pin::pin!(watch::follow(lite, Some(&fields), WATCH_TIMEOUT_S));
         let mut log = Throttle::new(format!("waiting for node {}", self.node_name));
         let mut told = false;
-        loop {
-            let mut stream = watcher::watcher(lite.clone(), cfg.clone()).boxed();
-            while let Some(ev) = stream.next().await {
-                let n = match ev {
-                    Ok(Event::Apply(n) | Event::InitApply(n)) => n,
-                    Ok(Event::InitDone) if !told => {
-                        tracing::info!(
-                            "waiting for node {} to be registered and assigned a podCIDR",
-                            self.node_name
-                        );
-                        told = true;
-                        continue;
-                    }
-                    Ok(_) => continue,
-                    Err(e) => {
-                        let (gone, why) = watch_error(&e);
-                        if !gone {
-                            let d = backoff.next_delay();
-                            log.fail(&format_args!("{why}; retrying in {d:.1?}"));
-                            tokio::time::sleep(d).await;
-                        }
-                        break;
-                    }
-                };
-                backoff.reset();
-                log.ok();
-                let spec = n.spec.unwrap_or_default();
-                let (v4, v6) = pod_cidrs(
-                    spec.pod_cidr.as_deref(),
-                    spec.pod_cidrs.as_deref().unwrap_or(&[]),
-                )
-                .map_err(|e| anyhow::anyhow!("node {}: {e}", self.node_name))?;
-                if (conf.v4.is_none() || v4.is_some()) && (conf.v6.is_none() || v6.is_some()) {
-                    return Ok((v4, v6));
+        while let Some(item) = stream.next().await {
+            let n = match item {
+                Item::Listed(mut v) if !v.is_empty() => v.swap_remove(0),
+                Item::Applied(n) => n,
+                Item::Failed(f) => {
+                    log.fail(&format_args!("{}; retrying in {:.1?}", f.why, f.delay));
+                    continue;
                 }
-                if !told {
+                Item::Listed(_) if !told => {
                     tracing::info!(
-                        "waiting for node {} to be assigned a podCIDR",
+                        "waiting for node {} to be registered and assigned a podCIDR",
                         self.node_name
                     );
                     told = true;
+                    continue;
                 }
+                _ => continue,
+            };
+            log.ok();
+            let spec = n.spec.unwrap_or_default();
+            let (v4, v6) = pod_cidrs(
+                spec.pod_cidr.as_deref(),
+                spec.pod_cidrs.as_deref().unwrap_or(&[]),
+            )
+            .map_err(|e| anyhow::anyhow!("node {}: {e}", self.node_name))?;
+            if (conf.v4.is_none() || v4.is_some()) && (conf.v6.is_none() || v6.is_some()) {
+                return Ok((v4, v6));
+            }
+            if !told {
+                tracing::info!(
+                    "waiting for node {} to be assigned a podCIDR",
+                    self.node_name
+                );
+                told = true;
             }
         }
+        bail!("the watch of node {} ended", self.node_name)
     }
 
-    /// Folds one watcher stream into lease events until it fails (returns the
-    /// error) or the receiver is gone (None). A complete list marks the store up.
+    /// Folds the list/watch of all Nodes into lease events until the receiver
+    /// is gone. A list or a (re)started watch marks the store up; a failure
+    /// marks it down, with the reason, for /readyz.
     async fn follow(
         &self,
-        mut stream: futures::stream::BoxStream<'_, Result<Event<NodeLite>, watcher::Error>>,
+        stream: impl futures::Stream<Item = Item<NodeLite>>,
         tx: &mpsc::Sender<LeaseEvent>,
-        backoff: &mut Backoff,
         log: &mut Throttle,
-    ) -> Option<watcher::Error> {
-        // Initial/re-list items with their creation time: on a subnet conflict the older Node wins.
-        let mut init: Vec<(String, String, PeerRead)> = Vec::new();
+    ) {
+        let mut stream = std::pin::pin!(stream);
+        let mut broken = false;
         let read = |n: &NodeLite| -> (String, PeerRead) {
             let name = n.metadata.name.clone().unwrap_or_default();
             let empty = BTreeMap::new();
@@ -222,62 +211,73 @@ impl KubeManager {
             let cidrs = spec.and_then(|s| s.pod_cidrs.as_deref()).unwrap_or(&[]);
             (name, lease_from_node(&self.prefix, ann, cidr, cidrs))
         };
-        while let Some(ev) = stream.next().await {
-            let out = match ev {
-                Err(e) => return Some(e),
-                Ok(Event::Init) => {
-                    init.clear();
-                    None
-                }
-                Ok(Event::InitApply(n)) => {
-                    let (name, lease) = read(&n);
-                    if name == self.node_name {
-                        continue;
-                    }
-                    let created = n
-                        .metadata
-                        .creation_timestamp
-                        .as_ref()
-                        .map(|t| t.0.to_string())
-                        .unwrap_or_default();
-                    init.push((created, name, lease));
-                    // Each page's worth goes out ahead, so programming overlaps the list.
-                    (init.len() % PREVIEW_BATCH == 0).then(|| {
-                        LeaseEvent::Preview(
-                            init[init.len() - PREVIEW_BATCH..]
-                                .iter()
-                                .map(|(_, n, l)| (n.clone(), l.clone()))
-                                .collect(),
-                        )
-                    })
-                }
-                Ok(Event::InitDone) => {
-                    let mut items = std::mem::take(&mut init);
+        while let Some(item) = stream.next().await {
+            let out = match item {
+                Item::Listed(nodes) => {
+                    // With their creation time: on a subnet conflict the older Node wins.
+                    let mut items: Vec<(String, String, PeerRead)> = nodes
+                        .iter()
+                        .map(|n| {
+                            let created = n
+                                .metadata
+                                .creation_timestamp
+                                .as_ref()
+                                .map(|t| t.0.to_string())
+                                .unwrap_or_default();
+                            let (name, lease) = read(n);
+                            (created, name, lease)
+                        })
+                        .filter(|(_, name, _)| *name != self.node_name)
+                        .collect();
+                    drop(nodes);
                     items.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
-                    backoff.reset();
-                    log.ok();
-                    self.metrics.store.up();
+                    self.store_up(log, &mut broken);
                     Some(LeaseEvent::Snapshot(
                         items.into_iter().map(|(_, n, l)| (n, l)).collect(),
                     ))
                 }
-                Ok(Event::Apply(n)) => {
+                Item::Applied(n) => {
                     let (name, lease) = read(&n);
                     (name != self.node_name).then_some(LeaseEvent::Upsert(name, lease))
                 }
-                Ok(Event::Delete(n)) => {
+                Item::Deleted(n) => {
                     let name = n.metadata.name.unwrap_or_default();
                     (name != self.node_name).then_some(LeaseEvent::Remove(name))
+                }
+                Item::Watching => {
+                    self.store_up(log, &mut broken);
+                    None
+                }
+                Item::Failed(f) => {
+                    if !std::mem::replace(&mut broken, true) {
+                        self.metrics.store_reconnects.inc();
+                    }
+                    self.metrics.store.down(f.why.clone());
+                    if f.relist && f.delay.is_zero() {
+                        tracing::warn!("watching nodes: {}; re-listing now", f.why);
+                    } else {
+                        let next = if f.relist {
+                            "listing"
+                        } else {
+                            "resuming the watch"
+                        };
+                        log.fail(&format_args!("{}; {next} in {:.1?}", f.why, f.delay));
+                    }
+                    None
                 }
             };
             if let Some(ev) = out {
                 if tx.send(ev).await.is_err() {
-                    return None;
+                    return;
                 }
             }
         }
-        // The watcher stream never ends by itself; treat it as a broken watch.
-        Some(watcher::Error::NoResourceVersion)
+    }
+
+    fn store_up(&self, log: &mut Throttle, broken: &mut bool) {
+        *broken = false;
+        log.ok();
+        self.metrics.store.up();
     }
 
     /// Patches the Node's annotations to carry `req`, only where they differ;
@@ -442,31 +442,6 @@ fn gone_or_config_error(e: kube::Error, what: &str, node: &str) -> anyhow::Error
     config_error(e, what)
 }
 
-/// Watch errors: (re-list at once, reason for /readyz). A `410 Gone` means our
-/// resourceVersion is too old (e.g. a restarted API server): waiting helps nothing.
-fn watch_error(e: &watcher::Error) -> (bool, String) {
-    let gone = match e {
-        watcher::Error::WatchError(s) => s.code == 410,
-        watcher::Error::InitialListFailed(k)
-        | watcher::Error::WatchStartFailed(k)
-        | watcher::Error::WatchFailed(k) => is_code(k, 410),
-        _ => false,
-    };
-    let rbac = match e {
-        watcher::Error::WatchError(s) => s.code == 403,
-        watcher::Error::InitialListFailed(k)
-        | watcher::Error::WatchStartFailed(k)
-        | watcher::Error::WatchFailed(k) => is_code(k, 403) || is_code(k, 401),
-        _ => false,
-    };
-    let hint = if rbac {
-        " (RBAC: flanneld needs list/watch on nodes; normal for a second after an API server restart)"
-    } else {
-        ""
-    };
-    (gone, format!("{e}{hint}"))
-}
-
 impl SubnetManager for KubeManager {
     async fn network_config(&self) -> anyhow::Result<NetConf> {
         Ok(NetConf::from_file(&self.net_config_path)?)
@@ -499,38 +474,19 @@ impl SubnetManager for KubeManager {
     async fn watch(&self, conf: &NetConf, tx: mpsc::Sender<LeaseEvent>) {
         let _ = conf;
         let mut clients = self.clients();
-        let cfg = watcher::Config::default()
-            .page_size(PREVIEW_BATCH as u32)
-            .timeout(WATCH_TIMEOUT_S);
-        let mut backoff = Backoff::default();
         let mut log = Throttle::new("watching nodes");
-        // Every (re)connection lists afresh: whatever changed while the API server
-        // was away (Nodes added, deleted, re-annotated) arrives in that Snapshot.
+        // One list (from the watch cache), then the watch resumes across broken
+        // connections; what changed while the API server was away arrives as
+        // events, or, after a 410, in the Snapshot of a new list.
         loop {
-            // Each round from the current client (a new one after an address change).
+            // From the current client (a new one after an address change).
             let api: Api<NodeLite> = Api::all(clients.borrow_and_update().clone());
-            let stream = watcher::watcher(api, cfg.clone()).boxed();
-            let ended = tokio::select! {
-                e = self.follow(stream, &tx, &mut backoff, &mut log) => e,
+            let stream = watch::follow(api, None, WATCH_TIMEOUT_S);
+            tokio::select! {
+                _ = self.follow(stream, &tx, &mut log) => return, // the reconciler is gone
                 _ = clients.changed() => {
                     tracing::info!("watching nodes: reconnecting from the node's new address");
-                    continue;
                 }
-            };
-            let Some(e) = ended else {
-                return; // the reconciler is gone
-            };
-            self.metrics.store_reconnects.inc();
-            let (gone, why) = watch_error(&e);
-            self.metrics.store.down(why.clone());
-            if gone {
-                // Too old a resourceVersion: re-list now, never wait.
-                tracing::warn!("watching nodes: {why}; re-listing now");
-                backoff.reset();
-            } else {
-                let d = backoff.next_delay();
-                log.fail(&format_args!("{why}; re-listing in {d:.1?}"));
-                tokio::time::sleep(d).await;
             }
         }
     }
