@@ -33,6 +33,8 @@
 #   start <lab> <etcd|apiserver>         start it again on the same data; waits until it answers
 #   etcd-tls <lab>                       a second etcd on :2381 requiring client certificates
 #   down <lab>
+# env LAB_AUDIT=1 at `up`: the API server writes an audit log, $DIR/audit.log
+#   (see scripts/bench-apiserver.sh)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -236,7 +238,25 @@ up_control_plane() {
 
 start_apiserver() {
   [ -x "$KUBE_APISERVER" ] || die "$KUBE_APISERVER missing: run scripts/install-deps.sh"
-  start_bg apiserver cp "$KUBE_APISERVER" \
+  # LAB_AUDIT=1 at `up` (kept for restarts): an audit log of every node, pod,
+  # namespace and policy request (verb, URI, user, user agent, code) in $DIR/audit.log.
+  local audit=()
+  [ "${LAB_AUDIT:-0}" = 1 ] && touch "$DIR/audit-on"
+  if [ -e "$DIR/audit-on" ]; then
+    cat >"$DIR/audit-policy.yaml" <<'A'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  resources:
+  - {group: "", resources: [nodes, pods, namespaces]}
+  - {group: networking.k8s.io, resources: [networkpolicies]}
+- level: None
+A
+    audit=(--audit-policy-file "$DIR/audit-policy.yaml" --audit-log-path "$DIR/audit.log")
+  fi
+  start_bg apiserver cp "$KUBE_APISERVER" ${audit[@]+"${audit[@]}"} \
     --etcd-servers http://127.0.0.1:2379 \
     --bind-address "$CP_IP" --advertise-address "$CP_IP" --secure-port 6443 --insecure-port 0 \
     --tls-cert-file "$DIR/pki/apiserver.crt" --tls-private-key-file "$DIR/pki/apiserver.key" \

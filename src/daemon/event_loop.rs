@@ -4,7 +4,7 @@
 //!
 //! Rules it keeps:
 //! - a burst of lease events (what is already queued) is one pass;
-//! - before the first complete peer list only previews are programmed, and no
+//! - before the first complete peer list nothing is programmed and no
 //!   timer is armed (a due full pass waits for the list instead of spinning);
 //! - a critical task's end (the supervisor's [`Supervisor::fatal`]) ends it.
 
@@ -23,8 +23,6 @@ use crate::supervisor::Supervisor;
 pub trait Passes {
     /// Folds one lease event in; true if the accepted peers changed.
     fn handle(&mut self, ev: LeaseEvent) -> bool;
-    /// Programs what the initial list brought so far (additions only).
-    fn apply_preview(&mut self) -> impl Future<Output = ()>;
     /// One pass; true when the kernel holds what is wanted.
     fn reconcile(&mut self, full: bool) -> impl Future<Output = bool>;
     /// Whether every plane's kernel state is known (else only a full pass will do).
@@ -48,7 +46,6 @@ pub async fn run<P: Passes>(
     metrics: Arc<Metrics>,
 ) -> anyhow::Error {
     let mut synced = false;
-    let mut previewed = false;
     let mut completed = false;
     let mut schedule = Schedule::default();
     let mut safety = tokio::time::interval(inp.safety);
@@ -65,19 +62,11 @@ pub async fn run<P: Passes>(
                 // This event and what is already queued: one reconcile per burst.
                 let mut next = Some(ev);
                 while let Some(ev) = next.take() {
-                    match ev {
-                        LeaseEvent::Snapshot(_) => {
-                            if !synced {
-                                schedule.full_now();
-                            }
-                            synced = true;
+                    if matches!(ev, LeaseEvent::Snapshot(_)) {
+                        if !synced {
+                            schedule.full_now();
                         }
-                        LeaseEvent::Preview(_) if synced => {
-                            next = inp.events.try_recv().ok();
-                            continue;
-                        }
-                        LeaseEvent::Preview(_) => previewed = true,
-                        _ => {}
+                        synced = true;
                     }
                     dirty |= p.handle(ev);
                     next = inp.events.try_recv().ok();
@@ -89,9 +78,6 @@ pub async fn run<P: Passes>(
             e = sup.fatal() => return e,
         }
         if !synced {
-            if std::mem::take(&mut previewed) {
-                p.apply_preview().await;
-            }
             continue;
         }
         let Some(pass) = schedule.decide(dirty, p.applied_known()) else {

@@ -200,10 +200,6 @@ impl<M: SubnetManager, B: Backend> event_loop::Passes for Wired<M, B> {
         self.r.handle(ev)
     }
 
-    async fn apply_preview(&mut self) {
-        self.r.apply_preview().await
-    }
-
     async fn reconcile(&mut self, full: bool) -> bool {
         self.r.reconcile(full).await
     }

@@ -202,31 +202,6 @@ pub fn diff(want: &State, have: &Observed) -> Diff {
     }
 }
 
-/// Only the entries of `want` whose key `have` lacks: what can be added without
-/// replacing or removing anything (used before the peer list is complete).
-pub fn additions(want: &State, have: &State) -> Diff {
-    fn only_new<K: Ord + Clone, V: Clone>(
-        want: &BTreeMap<K, V>,
-        have: &BTreeMap<K, V>,
-    ) -> Changes<K, V> {
-        Changes {
-            set: want
-                .iter()
-                .filter(|(k, _)| !have.contains_key(*k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-            del: vec![],
-        }
-    }
-    Diff {
-        routes: only_new(&want.routes, &have.routes),
-        neighs: only_new(&want.neighs, &have.neighs),
-        fdb: only_new(&want.fdb, &have.fdb),
-        fdb_extra: vec![],
-        wg: only_new(&want.wg, &have.wg),
-    }
-}
-
 impl State {
     /// Records the `set` entries of `d` as held.
     pub fn absorb(&mut self, d: &Diff) {
@@ -456,20 +431,6 @@ mod tests {
         let d = diff(&want, &have);
         assert_eq!(d.fdb_extra, vec![(mac(2), ip("198.18.0.77"))]);
         assert_eq!(d.ops(), 1);
-    }
-
-    #[test]
-    fn additions_never_replace_or_remove() {
-        let mut have = state(&[2, 3]);
-        // A conflicting value for peer 3's route must not be replaced ahead of the full list.
-        have.routes.insert(net("10.244.3.0/24"), vx(9));
-        let d = additions(&state(&[3, 4]), &have);
-        assert_eq!(d.routes.set, vec![(net("10.244.4.0/24"), vx(4))]);
-        assert_eq!(d.neighs.set.len(), 1);
-        assert_eq!(d.fdb.set, vec![(mac(4), ip("198.18.0.4"))]);
-        assert!(d.routes.del.is_empty() && d.neighs.del.is_empty() && d.fdb.del.is_empty());
-        have.absorb(&d);
-        assert!(additions(&state(&[3, 4]), &have).is_empty());
     }
 
     #[test]

@@ -47,9 +47,6 @@ pub type PeerRead = Result<Option<Lease>, String>;
 pub enum LeaseEvent {
     /// The complete set of peers (initial list, or a re-list after the watch broke).
     Snapshot(Vec<(String, PeerRead)>),
-    /// Part of a list still in progress: may be programmed as additions ahead of
-    /// the Snapshot, which alone decides conflicts and removals.
-    Preview(Vec<(String, PeerRead)>),
     Upsert(String, PeerRead),
     Remove(String),
 }

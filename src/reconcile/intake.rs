@@ -20,8 +20,6 @@ pub struct Intake {
     pub conf: NetConf,
     pub own: Lease,
     pub peers: PeerSet,
-    /// Peers of the initial list so far (only until the first Snapshot).
-    pub provisional: PeerSet,
     /// What was last said about a peer (so each reason is warned about once).
     pub warned: HashMap<String, String>,
     /// Peers refused now, (name, IPv6?) → reason (flannel_peer_leases_refused).
@@ -37,7 +35,6 @@ impl Intake {
             conf,
             own,
             peers: PeerSet::default(),
-            provisional: PeerSet::default(),
             warned: HashMap::new(),
             refused: HashMap::new(),
             pending_since: None,
@@ -123,15 +120,6 @@ impl Intake {
         match ev {
             LeaseEvent::Upsert(name, read) => self.upsert(name, read),
             LeaseEvent::Remove(name) => self.remove(&name),
-            LeaseEvent::Preview(items) => {
-                // Only gathered here; conflicts are settled by the Snapshot.
-                for (name, read) in items {
-                    if let Ok(Some(lease)) = read {
-                        self.provisional.upsert(&name, lease, &self.conf, &self.own);
-                    }
-                }
-                false
-            }
             LeaseEvent::Snapshot(items) => self.snapshot(items),
         }
     }
@@ -140,7 +128,6 @@ impl Intake {
     /// hand a subnet to a claimant), an unreadable entry of an accepted peer
     /// keeps its last good lease, and a peer missing from the list is removed.
     fn snapshot(&mut self, items: Vec<(String, PeerRead)>) -> bool {
-        self.provisional = PeerSet::default();
         let mut old = std::mem::take(&mut self.peers);
         // Everything the old set held is in the next pass's scope, with what it held.
         let before: Vec<(String, Option<Lease>)> = old

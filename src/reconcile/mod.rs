@@ -41,9 +41,6 @@ pub struct Plane {
     /// False until a full check succeeded, and after any failure: the next pass
     /// is then a full one.
     known: bool,
-    /// Before the first complete peer list: what the kernel holds, as far as
-    /// additions ahead of the list are concerned.
-    seen: Option<State>,
     /// Until the first successful full check: upstream-shaped routes may be
     /// taken over (see [`Netlink::observe`]).
     adopt: bool,
@@ -92,7 +89,6 @@ pub fn planes(conf: &NetConf, own: &Lease, blackhole: bool) -> Vec<Plane> {
             },
             tracker: Tracker::default(),
             known: false,
-            seen: None,
             adopt: true,
         })
         .collect()
@@ -128,54 +124,7 @@ pub struct Reconciler<B> {
 impl<B: Backend> Reconciler<B> {
     /// Takes in one change from the store; true if the accepted peers changed.
     pub fn handle(&mut self, ev: LeaseEvent) -> bool {
-        if matches!(ev, LeaseEvent::Snapshot(_)) {
-            for p in &mut self.planes {
-                p.seen = None;
-            }
-        }
         self.intake.handle(ev)
-    }
-
-    /// Programs the peers of the initial list seen so far, additions only: no entry
-    /// the kernel already holds is replaced and nothing is removed, so a conflicting
-    /// lease cannot displace a good one before the complete list decides. Failures
-    /// are left to the full check that follows the list.
-    pub async fn apply_preview(&mut self) {
-        for i in 0..self.planes.len() {
-            let (v6, scope) = (self.planes[i].v6, self.planes[i].scope);
-            let devices = self.backend.devices(&self.ext, v6);
-            if self.planes[i].seen.is_none() {
-                match self.observe(i, devices, scope).await {
-                    Ok(o) => self.planes[i].seen = Some(o.state),
-                    Err(e) => {
-                        tracing::debug!("not programming ahead of the list: {e}");
-                        return;
-                    }
-                }
-            }
-            let (want, _) = self
-                .backend
-                .desired(&self.ext, &self.intake.provisional, v6);
-            let Some(seen) = self.planes[i].seen.as_mut() else {
-                continue;
-            };
-            let add = crate::dataplane::model::additions(&want, seen);
-            if add.is_empty() {
-                continue;
-            }
-            let report = self.nl.apply(&add, devices).await;
-            let wg_failed = self.apply_wg(v6, &add).await;
-            self.metrics.count_netlink(&report);
-            if let Some(seen) = self.planes[i].seen.as_mut() {
-                seen.absorb(&add);
-            }
-            tracing::debug!(
-                "programmed {} entries for {} peers ahead of the complete list ({} failed)",
-                add.ops(),
-                self.intake.provisional.len(),
-                report.failed.len() + wg_failed.len()
-            );
-        }
     }
 
     /// Whether every family's kernel state is known (so changes can be diffed

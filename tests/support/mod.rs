@@ -32,6 +32,10 @@ pub struct Lab {
 }
 
 fn run(args: &[&str], timeout_s: u32) -> Output {
+    run_env(args, timeout_s, &[])
+}
+
+fn run_env(args: &[&str], timeout_s: u32, env: &[(&str, &str)]) -> Output {
     let script = top().join("scripts/lab.sh");
     Command::new("timeout")
         .arg("-k")
@@ -41,6 +45,7 @@ fn run(args: &[&str], timeout_s: u32) -> Output {
         .arg(script)
         .args(args)
         .env("FLANNELD", env!("CARGO_BIN_EXE_flanneld"))
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .expect("running scripts/lab.sh")
@@ -49,6 +54,11 @@ fn run(args: &[&str], timeout_s: u32) -> Output {
 impl Lab {
     /// Brings up a lab named `name` (1-8 of [a-z0-9]) with `args` for `lab.sh up`.
     pub fn up(name: &str, args: &[&str]) -> Lab {
+        Lab::up_env(name, &[], args)
+    }
+
+    /// [`Lab::up`] with extra environment for `lab.sh up` (e.g. LAB_AUDIT=1).
+    pub fn up_env(name: &str, env: &[(&str, &str)], args: &[&str]) -> Lab {
         let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         // A leftover from a killed earlier run must not break this one.
         run(&["down", name], 60);
@@ -59,7 +69,7 @@ impl Lab {
         };
         let mut a = vec!["up", name];
         a.extend_from_slice(args);
-        let o = run(&a, 180);
+        let o = run_env(&a, 180, env);
         assert!(
             o.status.success(),
             "lab up failed:\n{}",

@@ -14,7 +14,6 @@ use crate::supervisor::Supervisor;
 #[derive(Default)]
 struct Record {
     handled: usize,
-    previews: usize,
     /// (full?, when) of every pass.
     passes: Vec<(bool, Instant)>,
     /// Passes still to fail.
@@ -32,12 +31,9 @@ impl Fake {
 }
 
 impl Passes for Fake {
-    fn handle(&mut self, ev: LeaseEvent) -> bool {
+    fn handle(&mut self, _ev: LeaseEvent) -> bool {
         self.rec().handled += 1;
-        !matches!(ev, LeaseEvent::Preview(_))
-    }
-    async fn apply_preview(&mut self) {
-        self.rec().previews += 1;
+        true
     }
     async fn reconcile(&mut self, full: bool) -> bool {
         let mut r = self.rec();
@@ -107,17 +103,14 @@ fn upsert(n: usize) -> LeaseEvent {
 async fn no_spin_while_the_first_list_is_refused() {
     let h = start(|_| {});
     settle(&h).await;
-    // Entries programmed ahead of the list echo back as drift; the safety timer
-    // comes due: both ask for a full pass that only the list can allow.
-    h.events.send(LeaseEvent::Preview(vec![])).await.unwrap();
-    settle(&h).await;
+    // A drift kick and the safety timer come due: both ask for a full pass
+    // that only the list can allow.
     h.kicks.send(()).await.unwrap();
     settle(&h).await;
     advance(Duration::from_secs(301)).await;
     settle(&h).await;
     // Parked: a thousand chances to run, not one turn taken.
     assert_eq!(settle(&h).await, 0, "the loop spins before the first list");
-    assert_eq!(h.fake.rec().previews, 1);
     assert!(h.fake.rec().passes.is_empty(), "no pass before the list");
     // The list arrives: one full pass, then the agent is ready.
     h.events.send(LeaseEvent::Snapshot(vec![])).await.unwrap();

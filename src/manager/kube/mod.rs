@@ -30,6 +30,9 @@ const WATCH_TIMEOUT_S: u32 = 60;
 /// No byte from the API server for this long on any request: the connection is dead.
 const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(75);
 
+/// What the agent calls itself to the API server.
+pub const USER_AGENT: &str = concat!("flanneld/", env!("CARGO_PKG_VERSION"), " (flannel-rs)");
+
 mod codec;
 pub mod watch;
 
@@ -83,6 +86,14 @@ impl KubeManager {
                 .with_context(|| format!("--kube-api-url {:?} is not a URL", s.api_url))?;
         }
         config.read_timeout = Some(READ_TIMEOUT);
+        // Our own waits decide when to retry (see crate::retry): kube-rs' layer
+        // would retry 429/503/504 after 5 ms, 10 ms, ... up to 15 times first.
+        config.default_retry = false;
+        // Named in the API server's audit log and APF flow schemas.
+        config.headers.push((
+            hyper::header::USER_AGENT,
+            hyper::header::HeaderValue::from_static(USER_AGENT),
+        ));
         let client = Client::try_from(config.clone()).context("building the Kubernetes client")?;
         let node_name = node_name(&client).await?;
         let queue_depth = std::env::var("EVENT_QUEUE_DEPTH")

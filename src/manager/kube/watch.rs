@@ -193,11 +193,19 @@ fn describe(e: &kube::Error) -> String {
     }
 }
 
+/// What kube-rs calls an error answer that is not an API server's Status.
+const NOT_A_STATUS: &str = "Failed to parse error data";
+
 /// 429 and 5xx come from a live server that asks for less load; everything
-/// else (no connection, a reset, a timeout, 401/403 while RBAC syncs) is retried fast.
+/// else (no connection, a reset, a timeout, 401/403 while RBAC syncs) is retried
+/// fast, and so is a 502/503/504 that is not an API server's Status: a load
+/// balancer or proxy whose API server is not there.
 impl Classify for kube::Error {
     fn cause(&self) -> Cause {
         match self {
+            kube::Error::Api(s) if matches!(s.code, 502..=504) && s.reason == NOT_A_STATUS => {
+                Cause::Unreachable
+            }
             kube::Error::Api(s) if s.code == 429 || s.code >= 500 => Cause::Overloaded {
                 retry_after: s
                     .details
@@ -240,6 +248,14 @@ mod tests {
             Cause::Overloaded { retry_after: None }
         );
         assert_eq!(status(403, 0).cause(), Cause::Unreachable);
+        // A gateway's own answer (plain text), as kube-rs reconstructs it.
+        let lb = kube::core::Status::failure("no healthy upstream", NOT_A_STATUS).with_code(503);
+        assert_eq!(kube::Error::Api(Box::new(lb)).cause(), Cause::Unreachable);
+        let lb = kube::core::Status::failure("busy", NOT_A_STATUS).with_code(429);
+        assert_eq!(
+            kube::Error::Api(Box::new(lb)).cause(),
+            Cause::Overloaded { retry_after: None }
+        );
         assert_eq!(status(404, 0).cause(), Cause::Unreachable);
         assert!(gone(&status(410, 0)));
         assert!(!gone(&status(500, 0)));
