@@ -4,8 +4,8 @@
 //!
 //!   apiproxy <listen addr> <upstream addr> <retry-after seconds>
 //!
-//! - SIGUSR1: drop every open connection (a watch breaks mid-stream, as when a
-//!   load balancer or the network drops it).
+//! - SIGUSR1: drop every open connection with a reset (a watch breaks
+//!   mid-stream, as when a load balancer or an API server process dies).
 //! - SIGUSR2: toggle "overloaded": open connections are dropped and every
 //!   request is answered `429 Too Many Requests` with `Retry-After` and the
 //!   Status body kube-apiserver sends, then the connection is closed.
@@ -98,8 +98,9 @@ async fn serve(mut client: TcpStream, sh: Arc<Shared>) {
     let Ok(upstream) = TcpStream::connect(&sh.upstream).await else {
         return; // the API server is down: the client sees the connection close
     };
-    let (mut cr, mut cw) = client.into_split();
-    let (mut ur, mut uw) = upstream.into_split();
+    let mut upstream = upstream;
+    let (mut cr, mut cw) = client.split();
+    let (mut ur, mut uw) = upstream.split();
     let up = async {
         let mut buf = vec![0u8; 16 * 1024];
         while let Ok(n) = cr.read(&mut buf).await {
@@ -117,9 +118,15 @@ async fn serve(mut client: TcpStream, sh: Arc<Shared>) {
             sh.down_bytes.fetch_add(n as u64, Ordering::Relaxed);
         }
     };
-    tokio::select! {
-        _ = async { tokio::join!(up, down) } => {}
-        _ = gen.changed() => {} // dropped: both halves close here
+    let dropped = tokio::select! {
+        _ = async { tokio::join!(up, down) } => false,
+        _ = gen.changed() => true,
+    };
+    if dropped {
+        // Closed with a reset, not a clean end of stream. A zero linger never
+        // blocks on drop (the deprecation's concern): the kernel sends RST at once.
+        #[allow(deprecated)]
+        let _ = client.set_linger(Some(Duration::ZERO));
     }
 }
 

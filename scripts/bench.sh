@@ -52,6 +52,15 @@ conv_poll=$(echo "$t1 - $t0" | bc)
 cpu_conv=$(echo "scale=2; $(ticks "$pid") / $hz" | bc); split=$(awk -v hz="$hz" '{printf "user %.2f s, system %.2f s", $14/hz, $15/hz}' "/proc/$pid/stat")
 rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status"); hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
 rss_split=$(awk '/RssAnon|RssFile/ {printf "%s %d MB  ", $1, $2 / 1024}' "/proc/$pid/status")
+# The API server's own share of converging: one list of all Nodes from its watch
+# cache, as the agent asks for it (curl, best of 3; kube mode).
+list_s=n/a
+if [ "$MODE" = kube ]; then
+  tok=$(awk '/token:/ {print $2}' "$DIR/admin.kubeconfig")
+  list_s=$(for _ in 1 2 3; do ip netns exec "fl${LAB}-cp" curl -s --cacert "$DIR/pki/ca.crt" \
+    -H "Authorization: Bearer $tok" -o /dev/null -w '%{time_total}\n' \
+    "https://198.18.0.1:6443/api/v1/nodes?resourceVersion=0&resourceVersionMatch=NotOlderThan"; done | sort -n | head -n1)
+fi
 
 # One FDB event for MAC $1 ("add" or "del"), timed from the request: $2 = populate args.
 fdb_event_ms() {
@@ -117,6 +126,7 @@ flannel-rs benchmark: MODE=$MODE N=$N ($(nproc) cores, $(uname -r))
   converge (agent log, start → last apply) : ${conv_log} s
   converge (external poll of the kernel)   : ${conv_poll} s
   CPU to converge                          : ${cpu_conv} s (${split})
+  the API server's list from its cache     : ${list_s} s (curl, best of 3)
   RSS after convergence / peak (VmHWM)     : $((rss / 1024)) MB / $((hwm / 1024)) MB  (${rss} kB / ${hwm} kB)
   RSS by kind                              : ${rss_split}
   RSS after the events below and ${IDLE} s idle : $((rss_idle / 1024)) MB  (${rss_idle} kB)
