@@ -20,7 +20,7 @@ if [ "$(id -u)" = 0 ]; then
 else
   echo "test.sh: not root: installing nothing; the end-to-end tests will be reported as ignored" >&2
 fi
-cargo build --locked --bins
+cargo build --locked --bins --examples  # tests/api_manners.rs runs examples/apiproxy
 # The kernel-path tests (kernel_vm_*) need kernel modules this machine may lack
 # (wireguard, ...): here they are left out by name; as root they run below, in
 # the project's kernel VM (Debian 12's own kernel under QEMU, scripts/kernel-vm.sh).
