@@ -93,11 +93,17 @@ struct WireguardJson {
 }
 
 /// Backend-specific part of a lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendData {
     Vxlan(VxlanData),
     HostGw,
     Wireguard(WireguardData),
+    /// ipip publishes no data (`null`).
+    Ipip,
+    /// alloc publishes no backend type and no data.
+    Alloc,
+    /// extension: the PreStartupCommand's output, a JSON string (None: no command).
+    Extension(Option<std::sync::Arc<str>>),
 }
 
 impl BackendData {
@@ -106,6 +112,9 @@ impl BackendData {
             BackendData::Vxlan(_) => "vxlan",
             BackendData::HostGw => "host-gw",
             BackendData::Wireguard(_) => "wireguard",
+            BackendData::Ipip => "ipip",
+            BackendData::Alloc => "",
+            BackendData::Extension(_) => "extension",
         }
     }
 
@@ -113,7 +122,9 @@ impl BackendData {
     pub fn to_json(&self) -> String {
         match self {
             BackendData::Vxlan(d) => serde_json::to_string(d).unwrap_or_default(),
-            BackendData::HostGw => "null".to_string(),
+            BackendData::HostGw | BackendData::Ipip | BackendData::Alloc => "null".to_string(),
+            BackendData::Extension(None) => "null".to_string(),
+            BackendData::Extension(Some(out)) => serde_json::to_string(&**out).unwrap_or_default(),
             BackendData::Wireguard(d) => serde_json::to_string(&WireguardJson {
                 public_key: d.public_key.to_string(),
                 port: d.port,
@@ -140,6 +151,15 @@ impl BackendData {
                 Ok(BackendData::Vxlan(d))
             }
             "host-gw" => Ok(BackendData::HostGw),
+            "ipip" => Ok(BackendData::Ipip),
+            "" => Ok(BackendData::Alloc),
+            // Upstream's receivers decode a JSON string when the data is not empty.
+            "extension" => match data.trim() {
+                "" | "null" => Ok(BackendData::Extension(None)),
+                t => serde_json::from_str::<String>(t)
+                    .map(|s| BackendData::Extension(Some(s.into())))
+                    .map_err(|e| format!("backend-data {data:?} is not a JSON string: {e}")),
+            },
             "wireguard" => {
                 let d: WireguardJson = serde_json::from_str(data)
                     .map_err(|e| format!("backend-data {data:?} is invalid: {e}"))?;
@@ -336,14 +356,14 @@ impl std::fmt::Display for Ident {
     }
 }
 
-fn idents(l: &Lease) -> impl Iterator<Item = Ident> {
-    [Some(l.backend), l.backend_v6]
+fn idents(l: &Lease) -> impl Iterator<Item = Ident> + '_ {
+    [Some(&l.backend), l.backend_v6.as_ref()]
         .into_iter()
         .flatten()
         .filter_map(|b| match b {
             BackendData::Vxlan(d) => Some(Ident::Mac(d.vtep_mac)),
             BackendData::Wireguard(d) => Some(Ident::Key(d.public_key)),
-            BackendData::HostGw => None,
+            _ => None,
         })
 }
 
@@ -588,7 +608,7 @@ pub(crate) mod tests {
         let with6 = |l: Lease, n: &str, ip: &str| Lease {
             ipv6_subnet: Some(n.parse().unwrap()),
             public_ipv6: Some(ip.parse().unwrap()),
-            backend_v6: Some(l.backend),
+            backend_v6: Some(l.backend.clone()),
             ..l
         };
         let o = with6(own(), "fd00:10:244:1::/64", "fd00:198:18::11");
@@ -860,5 +880,29 @@ pub(crate) mod tests {
             set.accepted()["n2"].subnet.unwrap().to_string(),
             "10.244.3.0/24"
         );
+    }
+
+    #[test]
+    fn extension_and_alloc_data_round_trip_as_upstream_writes_them() {
+        let d = BackendData::Extension(Some("52:54:00:12:34:56".into()));
+        assert_eq!(d.to_json(), r#""52:54:00:12:34:56""#);
+        assert_eq!(BackendData::parse("extension", &d.to_json()), Ok(d));
+        // No PreStartupCommand: upstream writes nothing; null reads the same.
+        for text in ["", "null", " null "] {
+            assert_eq!(
+                BackendData::parse("extension", text),
+                Ok(BackendData::Extension(None))
+            );
+        }
+        // Hostile text: output with quotes and newlines survives; non-strings are refused.
+        let tricky = BackendData::Extension(Some("a\"b\nc".into()));
+        assert_eq!(
+            BackendData::parse("extension", &tricky.to_json()),
+            Ok(tricky)
+        );
+        assert!(BackendData::parse("extension", r#"{"VtepMAC":"x"}"#).is_err());
+        assert_eq!(BackendData::Alloc.type_name(), "");
+        assert_eq!(BackendData::parse("", "null"), Ok(BackendData::Alloc));
+        assert_eq!(BackendData::parse("ipip", "null"), Ok(BackendData::Ipip));
     }
 }

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use crate::dataplane::model::{Dev, PeerEntries, Route};
-use crate::dataplane::netlink::{Devices, Netlink};
+use crate::dataplane::netlink::Netlink;
 use crate::iface::ExternalInterface;
 use crate::lease::{BackendData, Lease};
 
@@ -61,23 +61,6 @@ impl Backend for HostGw {
             data: BackendData::HostGw,
             data_v6: Some(BackendData::HostGw),
         })
-    }
-
-    async fn configure(
-        &mut self,
-        _nl: &Netlink,
-        _ext: &ExternalInterface,
-        _own: &Lease,
-    ) -> anyhow::Result<bool> {
-        Ok(false)
-    }
-
-    fn devices(&self, ext: &ExternalInterface, _v6: bool) -> Devices {
-        Devices {
-            overlay: None,
-            underlay: ext.index,
-            network_route: false,
-        }
     }
 
     fn entries(

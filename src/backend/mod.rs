@@ -13,6 +13,8 @@ use crate::dataplane::netlink::{Devices, Netlink};
 use crate::iface::ExternalInterface;
 use crate::lease::{BackendData, Lease, PeerSet};
 
+pub mod alloc;
+pub mod extension;
 pub mod hostgw;
 pub mod vxlan;
 pub mod wireguard;
@@ -35,6 +37,30 @@ pub type Skipped = Vec<(String, String)>;
 pub trait Backend: Send + 'static {
     fn type_name(&self) -> &'static str;
 
+    /// Whether peers' traffic is routed through kernel entries the reconciler
+    /// diffs (planes, drift monitor). alloc and extension: no.
+    fn routes_peers(&self) -> bool {
+        true
+    }
+
+    /// Whether the agent needs the peers at all (alloc: no, as upstream).
+    fn watches_peers(&self) -> bool {
+        true
+    }
+
+    /// Backends whose per-peer work is not kernel entries (extension's
+    /// commands) bring it in line with the accepted peers here: every peer
+    /// (`touched` None: a full pass), or the touched ones and any still
+    /// failing. Returns one message per failure; the pass then fails and is
+    /// retried on the reconciler's schedule.
+    fn sync_peers(
+        &mut self,
+        _peers: &PeerSet,
+        _touched: Option<&[(String, Option<Lease>)]>,
+    ) -> impl Future<Output = Vec<String>> + Send {
+        async { Vec::new() }
+    }
+
     /// Creates or adopts the backend's devices (before the lease is known: the
     /// lease publishes their addresses).
     fn prepare(
@@ -45,15 +71,24 @@ pub trait Backend: Send + 'static {
 
     /// Makes the devices carry this node's lease (addresses, link up). Idempotent:
     /// also used to repair them. Returns true if a device had to be re-created.
+    /// Backends without devices of their own have nothing to do.
     fn configure(
         &mut self,
-        nl: &Netlink,
-        ext: &ExternalInterface,
-        own: &Lease,
-    ) -> impl Future<Output = anyhow::Result<bool>> + Send;
+        _nl: &Netlink,
+        _ext: &ExternalInterface,
+        _own: &Lease,
+    ) -> impl Future<Output = anyhow::Result<bool>> + Send {
+        async { Ok(false) }
+    }
 
-    /// The devices one family's entries live on.
-    fn devices(&self, ext: &ExternalInterface, v6: bool) -> Devices;
+    /// The devices one family's entries live on (default: the underlay only).
+    fn devices(&self, ext: &ExternalInterface, _v6: bool) -> Devices {
+        Devices {
+            overlay: None,
+            underlay: ext.index,
+            network_route: false,
+        }
+    }
 
     /// Pure: the entries one peer owns in one family (None: nothing in this
     /// family), or why the backend cannot serve it.
@@ -108,6 +143,8 @@ pub enum Any {
     Vxlan(vxlan::Vxlan),
     HostGw(hostgw::HostGw),
     Wireguard(wireguard::Wireguard),
+    Alloc(alloc::Alloc),
+    Extension(extension::Extension),
 }
 
 impl Any {
@@ -122,6 +159,9 @@ impl Any {
             BackendConf::Wireguard(w) => {
                 Any::Wireguard(wireguard::Wireguard::new(w.clone(), conf, wg_impl))
             }
+            BackendConf::Alloc => Any::Alloc(alloc::Alloc),
+            BackendConf::Extension(e) => Any::Extension(extension::Extension::new(e.clone(), conf)),
+            BackendConf::Ipip(_) => todo!(),
         }
     }
 }

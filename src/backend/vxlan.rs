@@ -271,8 +271,12 @@ fn random_mac(prefix: &[u8]) -> Mac {
 /// compared: all nodes of a network share the net-conf.
 pub fn peer_entries(lease: &Lease, v6: bool) -> Option<(IpNetwork, Route, IpAddr, Mac, IpAddr)> {
     let (subnet, dst) = hostgw::peer_target(lease, v6)?;
-    let data = if v6 { lease.backend_v6? } else { lease.backend };
-    let BackendData::Vxlan(d) = data else {
+    let data = if v6 {
+        lease.backend_v6.as_ref()?
+    } else {
+        &lease.backend
+    };
+    let BackendData::Vxlan(d) = *data else {
         return None;
     };
     let gw = subnet.network();
@@ -305,8 +309,8 @@ impl Backend for Vxlan {
                 None => {
                     out = Some(Prepared {
                         mtu,
+                        data_v6: v6.then(|| data.clone()),
                         data,
-                        data_v6: v6.then_some(data),
                     })
                 }
             }

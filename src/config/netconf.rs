@@ -10,6 +10,9 @@ use serde_json::{Map, Value};
 
 use crate::subnet::{self, SubnetRange};
 
+mod backend;
+pub use backend::DECLINED;
+
 /// A net-conf field that is wrong, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("net-conf: {field}: {reason}")]
@@ -129,6 +132,41 @@ pub enum BackendConf {
     Vxlan(VxlanConf),
     HostGw,
     Wireguard(WireguardConf),
+    Ipip(IpipConf),
+    /// Leases only: no dataplane (someone else routes the pod subnets).
+    Alloc,
+    Extension(ExtensionConf),
+}
+
+/// ipip backend settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IpipConf {
+    /// host-gw routes to peers on the same L2 subnet, the tunnel to the rest.
+    pub direct_routing: bool,
+}
+
+/// extension backend: upstream's four commands (each run by `sh -c`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtensionConf {
+    pub pre_startup: Option<String>,
+    pub post_startup: Option<String>,
+    pub subnet_add: Option<String>,
+    pub subnet_remove: Option<String>,
+    /// How long one command may run before it is killed (`CommandTimeout`,
+    /// seconds; flannel-rs only — upstream waits forever and ignores the key).
+    pub timeout: std::time::Duration,
+}
+
+impl Default for ExtensionConf {
+    fn default() -> Self {
+        ExtensionConf {
+            pre_startup: None,
+            post_startup: None,
+            subnet_add: None,
+            subnet_remove: None,
+            timeout: std::time::Duration::from_secs(30),
+        }
+    }
 }
 
 impl BackendConf {
@@ -138,6 +176,10 @@ impl BackendConf {
             BackendConf::Vxlan(_) => "vxlan",
             BackendConf::HostGw => "host-gw",
             BackendConf::Wireguard(_) => "wireguard",
+            BackendConf::Ipip(_) => "ipip",
+            // Upstream's alloc publishes no backend type.
+            BackendConf::Alloc => "",
+            BackendConf::Extension(_) => "extension",
         }
     }
 }
@@ -149,21 +191,6 @@ pub struct NetConf {
     pub backend: BackendConf,
     pub enable_nftables: bool,
 }
-
-/// Backend types upstream knows but flannel-rs does not implement.
-const UPSTREAM_ONLY_BACKENDS: &[&str] = &[
-    "udp",
-    "ipip",
-    "ipsec",
-    "alloc",
-    "extension",
-    "alivpc",
-    "ali-vpc",
-    "awsvpc",
-    "aws-vpc",
-    "gce",
-    "tencentvpc",
-];
 
 /// Case-insensitive view of a JSON object, as Go decodes it.
 struct Fields<'a>(&'a Map<String, Value>);
@@ -239,7 +266,7 @@ impl NetConf {
         } else {
             None
         };
-        let backend = backend(f.get("Backend"))?;
+        let backend = backend::backend(f.get("Backend"))?;
         let enable_nftables = f.bool("EnableNFTables", false)?;
         Ok(NetConf {
             v4,
@@ -419,141 +446,6 @@ fn pool(f: &Fields, fam: Family) -> Result<Pool, ConfigError> {
         subnet_min,
         subnet_max,
     })
-}
-
-fn backend(v: Option<&Value>) -> Result<BackendConf, ConfigError> {
-    let map = match v {
-        None | Some(Value::Null) => {
-            return Err(unsupported("udp", " (the default when Backend is missing)"))
-        }
-        Some(Value::Object(m)) => m,
-        Some(other) => return Err(err("Backend", format!("expected an object, got {other}"))),
-    };
-    let f = Fields(map);
-    let ty = f.string("Type")?.unwrap_or("udp");
-    match ty {
-        "vxlan" => Ok(BackendConf::Vxlan(vxlan(&f)?)),
-        "host-gw" => Ok(BackendConf::HostGw),
-        "wireguard" => Ok(BackendConf::Wireguard(wireguard(&f)?)),
-        t if UPSTREAM_ONLY_BACKENDS.contains(&t) => Err(unsupported(t, "")),
-        t => Err(err(
-            "Backend.Type",
-            format!(
-                "unknown backend type {t:?} (flannel-rs supports vxlan, host-gw and wireguard)"
-            ),
-        )),
-    }
-}
-
-fn unsupported(t: &str, why: &str) -> ConfigError {
-    err(
-        "Backend.Type",
-        format!(
-            "backend type {t:?}{why} is not supported by flannel-rs (supported: vxlan, host-gw, wireguard)"
-        ),
-    )
-}
-
-fn vxlan(f: &Fields) -> Result<VxlanConf, ConfigError> {
-    let field = |name: &str| format!("Backend.{name}");
-    let rename = |e: ConfigError| ConfigError {
-        field: field(&e.field),
-        reason: e.reason,
-    };
-    let vni = f.uint("VNI", (1 << 24) - 1).map_err(rename)?.unwrap_or(1) as u32;
-    let port = f.uint("Port", 65535).map_err(rename)?.unwrap_or(0) as u16;
-    let mtu = match f.uint("MTU", 65535).map_err(rename)? {
-        None | Some(0) => None,
-        Some(m) if m < 68 => {
-            return Err(err(
-                &field("MTU"),
-                format!("{m} is below the IPv4 minimum of 68"),
-            ))
-        }
-        Some(m) => Some(m as u32),
-    };
-    let mac_prefix = match f.string("MacPrefix").map_err(rename)? {
-        None | Some("") => None,
-        Some(s) => Some(parse_mac_prefix(s).map_err(|r| err(&field("MacPrefix"), r))?),
-    };
-    Ok(VxlanConf {
-        vni,
-        port,
-        gbp: f.bool("GBP", false).map_err(rename)?,
-        learning: f.bool("Learning", false).map_err(rename)?,
-        direct_routing: f.bool("DirectRouting", false).map_err(rename)?,
-        mtu,
-        mac_prefix,
-    })
-}
-
-fn wireguard(f: &Fields) -> Result<WireguardConf, ConfigError> {
-    let field = |name: &str| format!("Backend.{name}");
-    let rename = |e: ConfigError| ConfigError {
-        field: field(&e.field),
-        reason: e.reason,
-    };
-    let d = WireguardConf::default();
-    let port = |name: &str, default: u16| -> Result<u16, ConfigError> {
-        match f.uint(name, 65535).map_err(rename)? {
-            None | Some(0) => Ok(default),
-            Some(p) => Ok(p as u16),
-        }
-    };
-    let psk = match f.string("PSK").map_err(rename)? {
-        None | Some("") => None,
-        Some(s) => Some(
-            crate::backend::wireguard::key::decode(s)
-                .map_err(|r| err(&field("PSK"), format!("not a WireGuard key: {r}")))?,
-        ),
-    };
-    let mode = match f.string("Mode").map_err(rename)? {
-        None | Some("") | Some("separate") => WgMode::Separate,
-        Some("auto") => WgMode::Auto,
-        Some("ipv4") => WgMode::Ipv4,
-        Some("ipv6") => WgMode::Ipv6,
-        Some(m) => {
-            return Err(err(
-                &field("Mode"),
-                format!("{m:?} is not one of separate, auto, ipv4, ipv6"),
-            ))
-        }
-    };
-    let mtu = match f.uint("MTU", 65535).map_err(rename)? {
-        None | Some(0) => None,
-        Some(m) if m < 148 => {
-            return Err(err(
-                &field("MTU"),
-                format!("{m} leaves less than IPv4's 68 bytes after WireGuard's 80-byte overhead"),
-            ))
-        }
-        Some(m) => Some(m as u32),
-    };
-    Ok(WireguardConf {
-        psk,
-        listen_port: port("ListenPort", d.listen_port)?,
-        listen_port_v6: port("ListenPortV6", d.listen_port_v6)?,
-        keepalive: f
-            .uint("PersistentKeepaliveInterval", 65535)
-            .map_err(rename)?
-            .unwrap_or(0) as u16,
-        mode,
-        mtu,
-    })
-}
-
-fn parse_mac_prefix(s: &str) -> Result<Vec<u8>, String> {
-    let bytes: Result<Vec<u8>, _> = s.split(':').map(|b| u8::from_str_radix(b, 16)).collect();
-    match bytes {
-        Ok(b) if !b.is_empty() && b.len() <= 5 && s.split(':').all(|p| p.len() == 2) => {
-            if b[0] & 1 == 1 {
-                Err(format!("{s:?} is a multicast prefix"))
-            } else {
-                Ok(b)
-            }
-        }
-        _ => Err(format!("{s:?} is not a MAC prefix like 0E:2A")),
-    }
 }
 
 #[cfg(test)]
@@ -841,5 +733,180 @@ mod tests {
                 proptest::prop_assert!(p.network.contains(p.subnet_min) && p.network.contains(p.subnet_max));
             }
         }
+    }
+
+    fn backend_of(b: &str) -> Result<BackendConf, ConfigError> {
+        NetConf::parse(&format!(r#"{{"Network":"10.244.0.0/16","Backend":{b}}}"#))
+            .map(|c| c.backend)
+    }
+
+    #[test]
+    fn declined_backends_say_why_and_what_instead() {
+        for (t, instead) in [
+            ("udp", "vxlan"),
+            ("ipsec", "wireguard"),
+            ("aws-vpc", "host-gw"),
+            ("awsvpc", "host-gw"),
+            ("gce", "host-gw"),
+            ("ali-vpc", "host-gw"),
+            ("alivpc", "host-gw"),
+            ("tencent-vpc", "host-gw"),
+            ("tencentvpc", "host-gw"),
+        ] {
+            let e = backend_of(&format!(r#"{{"Type":"{t}"}}"#)).unwrap_err();
+            assert_eq!(e.field, "Backend.Type");
+            assert!(e.reason.contains("declined"), "{t}: {e}");
+            assert!(e.reason.contains(&format!("use \"{instead}\"")), "{t}: {e}");
+        }
+        // Every declined type has a reason that names a supported alternative.
+        for (t, why) in DECLINED {
+            assert!(why.contains("use \""), "{t}");
+        }
+    }
+
+    #[test]
+    fn type_is_matched_case_insensitively_like_upstream() {
+        assert_eq!(
+            backend_of(r#"{"Type":"VXLAN"}"#),
+            Ok(BackendConf::Vxlan(VxlanConf::default()))
+        );
+        assert_eq!(backend_of(r#"{"Type":"Host-GW"}"#), Ok(BackendConf::HostGw));
+        assert_eq!(backend_of(r#"{"Type":"Alloc"}"#), Ok(BackendConf::Alloc));
+    }
+
+    /// Every net-conf key upstream v0.28 reads (and v0.20.2's multi-network
+    /// keys) is either honoured — its value shows in the parsed config — or
+    /// refused with a message naming it.
+    #[test]
+    fn every_upstream_key_is_honoured_or_refused() {
+        let c = ok(
+            r#"{"EnableIPv4":true,"EnableIPv6":true,"EnableNFTables":true,
+            "Network":"10.100.0.0/16","SubnetLen":25,"SubnetMin":"10.100.1.0","SubnetMax":"10.100.9.0",
+            "IPv6Network":"fd00:100::/56","IPv6SubnetLen":64,"IPv6SubnetMin":"fd00:100:0:2::","IPv6SubnetMax":"fd00:100:0:9::",
+            "Backend":{"Type":"host-gw"}}"#,
+        );
+        let (p4, p6) = (c.v4.unwrap(), c.v6.unwrap());
+        assert!(c.enable_nftables);
+        assert_eq!(
+            (
+                p4.network.to_string(),
+                p4.subnet_len,
+                p4.subnet_min.to_string(),
+                p4.subnet_max.to_string()
+            ),
+            (
+                "10.100.0.0/16".into(),
+                25,
+                "10.100.1.0".into(),
+                "10.100.9.0".into()
+            )
+        );
+        assert_eq!(
+            (
+                p6.network.to_string(),
+                p6.subnet_len,
+                p6.subnet_min.to_string(),
+                p6.subnet_max.to_string()
+            ),
+            (
+                "fd00:100::/56".into(),
+                64,
+                "fd00:100:0:2::".into(),
+                "fd00:100:0:9::".into()
+            )
+        );
+        for k in ["Networks", "IPv6Networks"] {
+            let e = bad(&format!(
+                r#"{{"Network":"10.244.0.0/16","{k}":["10.244.0.0/16"],{VX}}}"#
+            ));
+            assert_eq!(e.field, "Networks", "{k}");
+        }
+        // Backend fields, per type.
+        let vx = backend_of(
+            r#"{"Type":"vxlan","VNI":7,"Port":4789,"MTU":1400,"GBP":true,"Learning":true,"DirectRouting":true}"#,
+        );
+        assert_eq!(
+            vx,
+            Ok(BackendConf::Vxlan(VxlanConf {
+                vni: 7,
+                port: 4789,
+                gbp: true,
+                learning: true,
+                direct_routing: true,
+                mtu: Some(1400),
+                mac_prefix: None,
+            }))
+        );
+        let BackendConf::Wireguard(wg) = backend_of(
+            r#"{"Type":"wireguard","ListenPort":5000,"ListenPortV6":5001,"MTU":1400,"PSK":"","PersistentKeepaliveInterval":25,"Mode":"auto"}"#,
+        )
+        .unwrap() else {
+            panic!("not wireguard")
+        };
+        assert_eq!(
+            (
+                wg.listen_port,
+                wg.listen_port_v6,
+                wg.mtu,
+                wg.keepalive,
+                wg.mode
+            ),
+            (5000, 5001, Some(1400), 25, WgMode::Auto)
+        );
+        assert_eq!(
+            backend_of(r#"{"Type":"ipip","DirectRouting":true}"#),
+            Ok(BackendConf::Ipip(IpipConf {
+                direct_routing: true
+            }))
+        );
+        let BackendConf::Extension(x) = backend_of(
+            r#"{"Type":"extension","PreStartupCommand":"a","PostStartupCommand":"b","SubnetAddCommand":"c","SubnetRemoveCommand":"d","CommandTimeout":5}"#,
+        )
+        .unwrap() else {
+            panic!("not extension")
+        };
+        assert_eq!(
+            (
+                x.pre_startup,
+                x.post_startup,
+                x.subnet_add,
+                x.subnet_remove,
+                x.timeout
+            ),
+            (
+                Some("a".into()),
+                Some("b".into()),
+                Some("c".into()),
+                Some("d".into()),
+                std::time::Duration::from_secs(5)
+            )
+        );
+        assert_eq!(backend_of(r#"{"Type":"alloc"}"#), Ok(BackendConf::Alloc));
+        // The declined types' own fields never get as far as being ignored.
+        for b in [
+            r#"{"Type":"udp","Port":8285}"#,
+            r#"{"Type":"ipsec","PSK":"x","UDPEncap":true,"ESPProposal":"aes128gcm16-sha256-prfsha256-ecp256"}"#,
+            r#"{"Type":"tencent-vpc","AccessKeyID":"a","AccessKeySecret":"b"}"#,
+        ] {
+            assert!(
+                backend_of(b).unwrap_err().reason.contains("declined"),
+                "{b}"
+            );
+        }
+    }
+
+    #[test]
+    fn extension_fields_are_checked() {
+        let e = backend_of(r#"{"Type":"extension","SubnetAddCommand":7}"#).unwrap_err();
+        assert_eq!(e.field, "Backend.SubnetAddCommand");
+        let e = backend_of(r#"{"Type":"extension","CommandTimeout":-1}"#).unwrap_err();
+        assert_eq!(e.field, "Backend.CommandTimeout");
+        // Blank commands are no commands; the default timeout is 30 s.
+        assert_eq!(
+            backend_of(r#"{"Type":"extension","PreStartupCommand":"  "}"#),
+            Ok(BackendConf::Extension(ExtensionConf::default()))
+        );
+        let e = backend_of(r#"{"Type":"ipip","DirectRouting":"yes"}"#).unwrap_err();
+        assert_eq!(e.field, "Backend.DirectRouting");
     }
 }

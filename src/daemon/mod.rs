@@ -44,7 +44,7 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
     /// Starts everything and runs until the agent cannot go on; returns why.
     pub async fn run(self) -> anyhow::Result<()> {
         let Agent {
-            flags,
+            mut flags,
             conf,
             manager,
             mut backend,
@@ -53,6 +53,15 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             mut sup,
         } = self;
         let nl = Netlink::connect().context("opening netlink")?;
+        let (a4, a6) = manager.assigned_public_ips().await;
+        if let Some(ip) = a4 {
+            tracing::info!("node-public-ip annotation: using {ip} as the public IP");
+            flags.public_ip = Some(ip);
+        }
+        if let Some(ip) = a6 {
+            tracing::info!("node-public-ipv6 annotation: using {ip} as the public IPv6");
+            flags.public_ipv6 = Some(ip);
+        }
         let ext = iface::select(&nl, &flags, conf.v4.is_some(), conf.v6.is_some()).await?;
         tracing::info!(
             "using interface {} (index {}, MTU {}), addresses {}, public IPs {}",
@@ -103,7 +112,11 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
         };
         env.write(&flags.subnet_file)?;
         tracing::info!("wrote {}", flags.subnet_file.display());
-        let planes = planes(&conf, &own, flags.ip_blackhole_route);
+        let planes = if backend.routes_peers() {
+            planes(&conf, &own, flags.ip_blackhole_route)
+        } else {
+            Vec::new()
+        };
         let setup = firewall::Setup {
             ip_masq: flags.ip_masq,
             forward: flags.iptables_forward_rules,
@@ -124,7 +137,13 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
         }
 
         let (tx, events) = mpsc::channel(queue_depth.max(16));
-        {
+        if !backend.watches_peers() {
+            // No peers to know (alloc): an empty list, and the channel held open.
+            sup.forever("peer-watch", async move {
+                let _ = tx.send(LeaseEvent::Snapshot(Vec::new())).await;
+                std::future::pending::<()>().await
+            });
+        } else {
             let (m, c) = (manager.clone(), conf.clone());
             sup.restartable("peer-watch", move || {
                 let (m, c, tx) = (m.clone(), c.clone(), tx.clone());

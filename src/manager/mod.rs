@@ -55,6 +55,15 @@ pub trait SubnetManager: Send + Sync + 'static {
     /// The network configuration (file in kube mode, `<prefix>/config` in etcd mode).
     fn network_config(&self) -> impl Future<Output = anyhow::Result<NetConf>> + Send;
 
+    /// The public addresses the store assigns this node, read once at start
+    /// (kube: the `node-public-ip` / `node-public-ipv6` annotations, upstream
+    /// v0.25.2+); they replace `--public-ip` / `--public-ipv6`.
+    fn assigned_public_ips(
+        &self,
+    ) -> impl Future<Output = (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>)> + Send {
+        async { (None, None) }
+    }
+
     /// Obtains this node's lease and publishes `req` with it. Waits (logging why)
     /// while no lease can be had yet.
     fn acquire(

@@ -213,6 +213,7 @@ impl<B: Backend> Reconciler<B> {
                 self.scoped_plane(i, &touched, started).await
             };
         }
+        ok &= self.sync_peers(full, &touched).await;
         self.metrics.peers.set(self.intake.peers.len() as i64);
         self.metrics.observe_reconcile(full, started.elapsed());
         if ok {
@@ -224,6 +225,25 @@ impl<B: Backend> Reconciler<B> {
         }
         self.intake.publish_refused();
         ok
+    }
+
+    /// The backend's work outside the kernel's tables (extension's commands).
+    async fn sync_peers(&mut self, full: bool, touched: &[(String, Option<Lease>)]) -> bool {
+        let scope = (!full).then_some(touched);
+        let failed = self.backend.sync_peers(&self.intake.peers, scope).await;
+        for e in failed.iter().take(5) {
+            tracing::warn!("{e}");
+        }
+        if failed.len() > 5 {
+            tracing::warn!("... and {} more failed commands", failed.len() - 5);
+        }
+        match failed.first() {
+            None => true,
+            Some(e) => {
+                self.fail_reason = format!("{} peer commands failed, e.g. {e}", failed.len());
+                false
+            }
+        }
     }
 
     /// One peer's entries in one family; a peer the backend cannot serve is

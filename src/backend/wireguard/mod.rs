@@ -352,10 +352,10 @@ impl Wireguard {
     ) -> Result<Option<(Key, WgPeer)>, String> {
         let v4_sub = lease.subnet.filter(|_| self.v4);
         let v6_sub = lease.ipv6_subnet.filter(|_| self.v6);
-        let data = |d: Option<BackendData>| -> Result<Option<WireguardData>, String> {
+        let data = |d: Option<&BackendData>| -> Result<Option<WireguardData>, String> {
             match d {
                 None => Ok(None),
-                Some(BackendData::Wireguard(w)) => Ok(Some(w)),
+                Some(BackendData::Wireguard(w)) => Ok(Some(*w)),
                 Some(other) => Err(format!(
                     "backend-data of type {} where wireguard's was expected",
                     other.type_name()
@@ -363,12 +363,12 @@ impl Wireguard {
             }
         };
         let d4 = if v4_sub.is_some() {
-            data(Some(lease.backend))?
+            data(Some(&lease.backend))?
         } else {
             None
         };
         let d6 = if v6_sub.is_some() {
-            data(lease.backend_v6.or(Some(lease.backend)))?
+            data(lease.backend_v6.as_ref().or(Some(&lease.backend)))?
         } else {
             None
         };

@@ -113,8 +113,8 @@ fn etcd_value_is_upstreams() {
     let req = LeaseRequest {
         public_ip: Some("198.18.0.11".parse().unwrap()),
         public_ipv6: Some("2001:db8::11".parse().unwrap()),
-        data: d,
-        data_v6: Some(d6),
+        data: d.clone(),
+        data_v6: Some(d6.clone()),
     };
     let v = lease_value(&req, true);
     assert_eq!(

@@ -53,12 +53,15 @@ pub fn lease_value(req: &LeaseRequest, v4: bool) -> String {
         r#"{{"PublicIP":"{ip}","PublicIPv6":{ip6},"BackendType":"{}""#,
         req.data.type_name()
     );
-    // host-gw has no backend data; upstream omits the empty field.
-    if v4 && !matches!(req.data, BackendData::HostGw) {
-        s.push_str(&format!(r#","BackendData":{}"#, req.data.to_json()));
+    // Backends without data (host-gw, ipip, alloc): upstream omits the empty field.
+    let data = req.data.to_json();
+    if v4 && data != "null" {
+        s.push_str(&format!(r#","BackendData":{data}"#));
     }
-    if let Some(d) = req.data_v6.filter(|d| !matches!(d, BackendData::HostGw)) {
-        s.push_str(&format!(r#","BackendV6Data":{}"#, d.to_json()));
+    if let Some(d) = req.data_v6.as_ref().map(BackendData::to_json) {
+        if d != "null" {
+            s.push_str(&format!(r#","BackendV6Data":{d}"#));
+        }
     }
     s.push('}');
     s
@@ -85,11 +88,11 @@ pub fn parse_lease(name: &str, value: &[u8]) -> PeerRead {
         _ => None,
     };
     // An IPv6-only lease has no BackendData: its IPv6 data stands for it.
-    let backend = match (field("BackendData"), backend_v6) {
-        (None, Some(d)) if v4.is_none() => d,
+    let backend = match (field("BackendData"), &backend_v6) {
+        (None, Some(d)) if v4.is_none() => d.clone(),
         _ => BackendData::parse(ty, &data_text("BackendData"))?,
     };
-    let backend_v6 = backend_v6.or(v6.map(|_| backend));
+    let backend_v6 = backend_v6.or_else(|| v6.map(|_| backend.clone()));
     let public_ip = match field("PublicIP").and_then(Value::as_str) {
         Some(s) => Some(
             s.parse::<Ipv4Addr>()

@@ -99,8 +99,8 @@ impl EtcdManager {
             ipv6_subnet: v6,
             public_ip: req.public_ip,
             public_ipv6: req.public_ipv6,
-            backend: req.data,
-            backend_v6: req.data_v6,
+            backend: req.data.clone(),
+            backend_v6: req.data_v6.clone(),
         };
         // (1) A lease that already carries our public address (IPv4, or IPv6 when IPv4 is off).
         let ours = |l: &Lease| {

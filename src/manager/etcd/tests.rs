@@ -141,19 +141,19 @@ fn values_have_upstreams_form() {
     });
     let req = |data: BackendData, data_v6: Option<BackendData>| LeaseRequest {
         public_ip: Some("198.18.0.11".parse().unwrap()),
-        public_ipv6: data_v6.map(|_| "fd00:198:18::11".parse().unwrap()),
+        public_ipv6: data_v6.as_ref().map(|_| "fd00:198:18::11".parse().unwrap()),
         data,
         data_v6,
     };
     assert_eq!(
-        lease_value(&req(d, None), true),
+        lease_value(&req(d.clone(), None), true),
         r#"{"PublicIP":"198.18.0.11","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"2e:b8:0a:81:03:b7"}}"#
     );
     assert_eq!(
         lease_value(&req(BackendData::HostGw, None), true),
         r#"{"PublicIP":"198.18.0.11","PublicIPv6":null,"BackendType":"host-gw"}"#
     );
-    let v = lease_value(&req(d, None), true);
+    let v = lease_value(&req(d.clone(), None), true);
     let l = parse_lease("10.244.1.0-24", v.as_bytes()).unwrap().unwrap();
     assert_eq!(l.public_ip, Some("198.18.0.11".parse().unwrap()));
     assert_eq!(l.backend, d);
@@ -163,7 +163,7 @@ fn values_have_upstreams_form() {
         vni: 1,
         vtep_mac: "66:00:00:00:00:02".parse::<Mac>().unwrap(),
     });
-    let v = lease_value(&req(d, Some(d6)), true);
+    let v = lease_value(&req(d.clone(), Some(d6.clone())), true);
     assert_eq!(
         v,
         r#"{"PublicIP":"198.18.0.11","PublicIPv6":"fd00:198:18::11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"2e:b8:0a:81:03:b7"},"BackendV6Data":{"VNI":1,"VtepMAC":"66:00:00:00:00:02"}}"#
@@ -173,11 +173,15 @@ fn values_have_upstreams_form() {
         .unwrap();
     assert_eq!(
         (l.backend, l.backend_v6, l.ipv6_subnet),
-        (d, Some(d6), Some("fd00:10:244:1::/64".parse().unwrap()))
+        (
+            d.clone(),
+            Some(d6.clone()),
+            Some("fd00:10:244:1::/64".parse().unwrap())
+        )
     );
 
     // IPv6 only: upstream writes no BackendData and a zero PublicIP.
-    let v = lease_value(&req(d6, Some(d6)), false);
+    let v = lease_value(&req(d6.clone(), Some(d6.clone())), false);
     assert_eq!(
         v,
         r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198:18::11","BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"66:00:00:00:00:02"}}"#
@@ -185,7 +189,10 @@ fn values_have_upstreams_form() {
     let l = parse_lease("fd00:10:244:1::-64", v.as_bytes())
         .unwrap()
         .unwrap();
-    assert_eq!((l.subnet, l.backend, l.backend_v6), (None, d6, Some(d6)));
+    assert_eq!(
+        (l.subnet, l.backend, l.backend_v6),
+        (None, d6.clone(), Some(d6))
+    );
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::IpNetwork;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -23,6 +23,9 @@ pub mod names {
     pub const PUBLIC_IPV6: &str = "public-ipv6";
     pub const PUBLIC_IP_OVERWRITE: &str = "public-ip-overwrite";
     pub const PUBLIC_IPV6_OVERWRITE: &str = "public-ipv6-overwrite";
+    /// Set by an admin (upstream v0.25.2+): used as `--public-ip` at start.
+    pub const NODE_PUBLIC_IP: &str = "node-public-ip";
+    pub const NODE_PUBLIC_IPV6: &str = "node-public-ipv6";
 }
 
 /// Only the parts of a Node a flanneld reads; the rest of the object (status,
@@ -85,6 +88,41 @@ fn meta_lite<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Er
         annotations: m.annotations,
         ..Default::default()
     })
+}
+
+/// The `node-public-ip(v6)` annotations of a node (`prefix` ends in `/`), and
+/// a warning per malformed one.
+pub fn assigned_public_ips(
+    annotations: Option<&BTreeMap<String, String>>,
+    prefix: &str,
+) -> ((Option<Ipv4Addr>, Option<Ipv6Addr>), Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut read = |name: &str, v6: bool| -> Option<IpAddr> {
+        let key = format!("{prefix}{name}");
+        let v = annotations?.get(&key)?.trim();
+        if v.is_empty() {
+            return None;
+        }
+        match v.parse::<IpAddr>() {
+            Ok(ip) if ip.is_ipv6() == v6 => Some(ip),
+            _ => {
+                let fam = if v6 { "IPv6" } else { "IPv4" };
+                warnings.push(format!(
+                    "ignoring annotation {key}: {v:?} is not an {fam} address"
+                ));
+                None
+            }
+        }
+    };
+    let v4 = match read(names::NODE_PUBLIC_IP, false) {
+        Some(IpAddr::V4(a)) => Some(a),
+        _ => None,
+    };
+    let v6 = match read(names::NODE_PUBLIC_IPV6, true) {
+        Some(IpAddr::V6(a)) => Some(a),
+        _ => None,
+    };
+    ((v4, v6), warnings)
 }
 
 /// The pod CIDRs of a node, per family.
@@ -157,7 +195,7 @@ pub fn lease_from_node(
         );
         lease.ipv6_subnet = Some(n);
         if lease.subnet.is_none() {
-            lease.backend = d;
+            lease.backend = d.clone();
         }
         lease.backend_v6 = Some(d);
     }

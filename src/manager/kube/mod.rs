@@ -36,7 +36,7 @@ pub const USER_AGENT: &str = concat!("flanneld/", env!("CARGO_PKG_VERSION"), " (
 mod codec;
 pub mod watch;
 
-pub use codec::{lease_from_node, names, pod_cidrs, NodeLite, NodeSpecLite};
+pub use codec::{assigned_public_ips, lease_from_node, names, pod_cidrs, NodeLite, NodeSpecLite};
 
 pub struct KubeManager {
     /// Replaced when the node's address changes: connections from the old
@@ -51,6 +51,9 @@ pub struct KubeManager {
     set_unavailable: bool,
     queue_depth: usize,
     metrics: Arc<Metrics>,
+    /// The Node as read for its assigned public IPs at start, reused by the
+    /// first podCIDR check (one GET for both).
+    first_read: std::sync::Mutex<Option<NodeLite>>,
 }
 
 /// Settings the kube manager takes from flags and the environment.
@@ -96,11 +99,14 @@ impl KubeManager {
         ));
         let client = Client::try_from(config.clone()).context("building the Kubernetes client")?;
         let node_name = node_name(&client).await?;
-        let queue_depth = std::env::var("EVENT_QUEUE_DEPTH")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|v| *v > 0)
-            .unwrap_or(5000);
+        let queue_depth = queue_depth(std::env::var("EVENT_QUEUE_DEPTH").ok().as_deref())?;
+        if std::env::var("CONT_WHEN_CACHE_NOT_READY").as_deref() == Ok("true") {
+            // Upstream exits when its informer has not synced in 10 minutes
+            // unless this is set; flannel-rs never gives up on the first list
+            // (it retries with backoff, not ready meanwhile), so both settings
+            // behave the same here.
+            tracing::info!("CONT_WHEN_CACHE_NOT_READY=true: accepted (the first Node list is waited for without a deadline)");
+        }
         Ok(KubeManager {
             clients: tokio::sync::watch::Sender::new(client),
             config,
@@ -110,6 +116,7 @@ impl KubeManager {
             set_unavailable: s.set_unavailable,
             queue_depth,
             metrics,
+            first_read: std::sync::Mutex::new(None),
         })
     }
 
@@ -147,8 +154,18 @@ impl KubeManager {
     ) -> anyhow::Result<(Option<IpNetwork>, Option<IpNetwork>)> {
         let lite: Api<NodeLite> = Api::all(self.client());
         // A registered Node that has its podCIDRs needs no watch: one GET (and
-        // only `get` on nodes) does. Any error here is left to the watch below.
-        if let Ok(Some(n)) = lite.get_opt(&self.node_name).await {
+        // only `get` on nodes) does — the one made at start for the public IPs
+        // if there was one. Any error here is left to the watch below.
+        let first = self
+            .first_read
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let read = match first {
+            Some(n) => Ok(Some(n)),
+            None => lite.get_opt(&self.node_name).await,
+        };
+        if let Ok(Some(n)) = read {
             let spec = n.spec.unwrap_or_default();
             if let Ok((v4, v6)) = pod_cidrs(
                 spec.pod_cidr.as_deref(),
@@ -372,7 +389,7 @@ impl KubeManager {
         if conf.v6.is_some() {
             want.insert(
                 self.key(names::BACKEND_V6_DATA),
-                req.data_v6.unwrap_or(req.data).to_json(),
+                req.data_v6.as_ref().unwrap_or(&req.data).to_json(),
             );
             if let Some(o) = have.get(&self.key(names::PUBLIC_IPV6_OVERWRITE)) {
                 match o.parse::<Ipv6Addr>() {
@@ -388,6 +405,20 @@ impl KubeManager {
             }
         }
         (want, pub4, pub6)
+    }
+}
+
+/// `EVENT_QUEUE_DEPTH`: the capacity of the channel from the Node watch to the
+/// reconciler (upstream: of its event channel); unset or ≤ 0 → 5000, as upstream,
+/// which also refuses a non-integer.
+pub fn queue_depth(v: Option<&str>) -> anyhow::Result<usize> {
+    match v.map(str::trim) {
+        None | Some("") => Ok(5000),
+        Some(s) => match s.parse::<i64>() {
+            Ok(n) if n > 0 => Ok(n as usize),
+            Ok(_) => Ok(5000),
+            Err(e) => bail!("env EVENT_QUEUE_DEPTH={s} format error: {e}"),
+        },
     }
 }
 
@@ -458,6 +489,31 @@ impl SubnetManager for KubeManager {
         Ok(NetConf::from_file(&self.net_config_path)?)
     }
 
+    async fn assigned_public_ips(&self) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+        let lite: Api<NodeLite> = Api::all(self.client());
+        let node = match lite.get_opt(&self.node_name).await {
+            Ok(Some(n)) => n,
+            // As upstream: without the Node now, no assigned address (the
+            // lease itself waits for the Node and its podCIDR).
+            Ok(None) => return (None, None),
+            Err(e) => {
+                tracing::warn!(
+                    "reading node {} for its {}{} annotation: {e}",
+                    self.node_name,
+                    self.prefix,
+                    names::NODE_PUBLIC_IP
+                );
+                return (None, None);
+            }
+        };
+        let (ips, warnings) = assigned_public_ips(node.metadata.annotations.as_ref(), &self.prefix);
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        *self.first_read.lock().unwrap_or_else(|e| e.into_inner()) = Some(node);
+        ips
+    }
+
     async fn acquire(&self, conf: &NetConf, req: &LeaseRequest) -> anyhow::Result<Lease> {
         let (v4, v6) = self.wait_pod_cidrs(conf).await?;
         for (n, pool, fam) in [(v4, &conf.v4, "Network"), (v6, &conf.v6, "IPv6Network")] {
@@ -477,8 +533,8 @@ impl SubnetManager for KubeManager {
             ipv6_subnet: v6.filter(|_| conf.v6.is_some()),
             public_ip: pub4,
             public_ipv6: pub6,
-            backend: req.data,
-            backend_v6: req.data_v6,
+            backend: req.data.clone(),
+            backend_v6: req.data_v6.clone(),
         })
     }
 

@@ -154,3 +154,59 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn node_public_ip_annotations_are_read_and_bad_ones_warned_about() {
+    let p = P;
+    let a = ann(&[
+        ("node-public-ip", "203.0.113.7"),
+        ("node-public-ipv6", "2001:db8::7"),
+    ]);
+    let ((v4, v6), w) = super::assigned_public_ips(Some(&a), p);
+    assert_eq!(v4, Some("203.0.113.7".parse().unwrap()));
+    assert_eq!(v6, Some("2001:db8::7".parse().unwrap()));
+    assert!(w.is_empty());
+    // Swapped families and garbage: ignored, one warning each, naming the key.
+    let a = ann(&[
+        ("node-public-ip", "2001:db8::7"),
+        ("node-public-ipv6", "x; rm -rf /"),
+    ]);
+    let ((v4, v6), w) = super::assigned_public_ips(Some(&a), p);
+    assert_eq!((v4, v6), (None, None));
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w[0].contains("node-public-ip:") && w[0].contains("IPv4"),
+        "{w:?}"
+    );
+    assert!(
+        w[1].contains("node-public-ipv6") && w[1].contains("IPv6"),
+        "{w:?}"
+    );
+    // Absent or empty: nothing, silently; another prefix is not ours.
+    let a = ann(&[("node-public-ip", "")]);
+    assert_eq!(
+        super::assigned_public_ips(Some(&a), p),
+        ((None, None), vec![])
+    );
+    assert_eq!(super::assigned_public_ips(None, p), ((None, None), vec![]));
+    let a = ann(&[("node-public-ip", "203.0.113.7")]);
+    assert_eq!(
+        super::assigned_public_ips(Some(&a), "example.com/"),
+        ((None, None), vec![])
+    );
+}
+
+#[test]
+fn event_queue_depth_as_upstream() {
+    use super::queue_depth;
+    assert_eq!(queue_depth(None).unwrap(), 5000);
+    assert_eq!(queue_depth(Some("")).unwrap(), 5000);
+    assert_eq!(queue_depth(Some("64")).unwrap(), 64);
+    assert_eq!(queue_depth(Some("0")).unwrap(), 5000);
+    assert_eq!(queue_depth(Some("-3")).unwrap(), 5000);
+    let e = queue_depth(Some("lots")).unwrap_err().to_string();
+    assert!(
+        e.starts_with("env EVENT_QUEUE_DEPTH=lots format error"),
+        "{e}"
+    );
+}
