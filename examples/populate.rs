@@ -32,14 +32,19 @@ fn mac(k: u32) -> String {
         k & 255
     )
 }
-/// `BACKEND=wireguard`: WireGuard peers (a public key derived from k, port 51820).
+/// `BACKEND=wireguard`: WireGuard peers (a public key derived from k, port 51820);
+/// `BACKEND=extension`: extension peers (their data a JSON string, a MAC).
 fn backend() -> &'static str {
     match std::env::var("BACKEND").as_deref() {
         Ok("wireguard") => "wireguard",
+        Ok("extension") => "extension",
         _ => "vxlan",
     }
 }
 fn data(k: u32) -> String {
+    if backend() == "extension" {
+        return format!(r#""{}""#, mac(k));
+    }
     if backend() == "wireguard" {
         let mut b = [7u8; 32];
         b[..4].copy_from_slice(&k.to_be_bytes());

@@ -62,6 +62,28 @@ pub async fn select(
         with_addrs.push((l, addrs));
     }
     let mut chosen: Option<(usize, Option<IpAddr>)> = None;
+    // As upstream: with no interface named, a public IP picks the interface
+    // (and address) that owns it — the IPv4 one first.
+    let named = !flags.iface.is_empty()
+        || !flags.iface_regex.is_empty()
+        || !flags.iface_can_reach.is_empty();
+    let public = (flags.public_ip.map(IpAddr::V4).filter(|_| want_v4))
+        .or(flags.public_ipv6.map(IpAddr::V6).filter(|_| want_v6));
+    if let Some(ip) = public.filter(|_| !named) {
+        let owner = with_addrs
+            .iter()
+            .position(|(_, a)| a.iter().any(|n| n.ip() == ip));
+        match owner {
+            Some(i) => chosen = Some((i, Some(ip))),
+            None => {
+                return Err(IfaceError::NotFound(format!(
+                    "no interface has the public IP {ip} (--public-ip, --public-ipv6 or the node-public-ip annotation); \
+                     it must be a local address unless --iface names the interface \
+                     (behind NAT, set the public-ip-overwrite annotation instead)"
+                )))
+            }
+        }
+    }
     for cand in &flags.iface {
         if let Ok(ip) = cand.parse::<IpAddr>() {
             if let Some(i) = with_addrs

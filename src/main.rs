@@ -238,6 +238,7 @@ async fn run_agent<M: SubnetManager>(
         Any::Vxlan(b) => agent!(b),
         Any::Wireguard(b) => agent!(b),
         Any::HostGw(b) => agent!(b),
+        Any::Ipip(b) => agent!(b),
         Any::Alloc(b) => agent!(b),
         Any::Extension(b) => agent!(b),
     }

@@ -16,6 +16,7 @@ use crate::lease::{BackendData, Lease, PeerSet};
 pub mod alloc;
 pub mod extension;
 pub mod hostgw;
+pub mod ipip;
 pub mod vxlan;
 pub mod wireguard;
 
@@ -137,12 +138,93 @@ pub trait Backend: Send + 'static {
     }
 }
 
+/// The link `name` as `fits` wants it: an existing one that fits is reused,
+/// one that does not is deleted and `create`d again (the name is flannel's).
+/// Returns the link and whether it is new.
+pub async fn ensure_link<F, Fut>(
+    nl: &Netlink,
+    name: &str,
+    fits: impl Fn(&crate::dataplane::netlink::Link) -> bool,
+    create: F,
+    what: &'static str,
+) -> anyhow::Result<(crate::dataplane::netlink::Link, bool)>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<(), crate::dataplane::netlink::NetlinkError>>,
+{
+    use anyhow::Context;
+    if let Some(l) = nl.link_by_name(name).await? {
+        if fits(&l) {
+            return Ok((l, false));
+        }
+        tracing::warn!(
+            "{name} exists with other attributes (kind {:?}, vxlan {:?}, tunnel {:?}); re-creating it",
+            l.kind,
+            l.vxlan,
+            l.iptun
+        );
+        nl.delete_link(l.index).await?;
+    }
+    match create().await {
+        Ok(()) => {}
+        // Someone else (another agent start racing us) created it meanwhile.
+        Err(e) if e.errno() == Some(libc::EEXIST) => {}
+        Err(e) => return Err(e).context(what),
+    }
+    let l = nl
+        .link_by_name(name)
+        .await?
+        .with_context(|| format!("{name} vanished after creation"))?;
+    tracing::info!(
+        "created {} (index {}, MAC {}, MTU {})",
+        l.name,
+        l.index,
+        l.mac
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "none".into()),
+        l.mtu
+    );
+    Ok((l, true))
+}
+
+/// Makes a device carry its family's lease the way upstream's do: the
+/// subnet's network address as a host address (/32, /128: no broadcast
+/// routes; the source of host-to-pod traffic), no other address of that
+/// family but link-local ones, and the link up.
+pub async fn carry_lease(
+    nl: &Netlink,
+    link: &mut crate::dataplane::netlink::Link,
+    own: Option<ipnetwork::IpNetwork>,
+    v6: bool,
+) -> anyhow::Result<()> {
+    if let Some(subnet) = own {
+        let want = ipnetwork::IpNetwork::new(subnet.network(), if v6 { 128 } else { 32 })?;
+        let have = nl.addresses(link.index).await?;
+        let stale = |a: &ipnetwork::IpNetwork| {
+            a.is_ipv6() == v6 && *a != want && !crate::subnet::is_link_local(a.ip())
+        };
+        for a in have.iter().filter(|a| stale(a)) {
+            tracing::info!("removing stale address {a} from {}", link.name);
+            nl.del_address(link.index, *a).await?;
+        }
+        if !have.contains(&want) {
+            nl.add_address(link.index, want).await?;
+        }
+    }
+    if !link.up {
+        nl.set_up(link.index).await?;
+        link.up = true;
+    }
+    Ok(())
+}
+
 /// Which backend the configuration asks for (built once at start).
 #[allow(clippy::large_enum_variant)]
 pub enum Any {
     Vxlan(vxlan::Vxlan),
     HostGw(hostgw::HostGw),
     Wireguard(wireguard::Wireguard),
+    Ipip(ipip::Ipip),
     Alloc(alloc::Alloc),
     Extension(extension::Extension),
 }
@@ -161,7 +243,7 @@ impl Any {
             }
             BackendConf::Alloc => Any::Alloc(alloc::Alloc),
             BackendConf::Extension(e) => Any::Extension(extension::Extension::new(e.clone(), conf)),
-            BackendConf::Ipip(_) => todo!(),
+            BackendConf::Ipip(c) => Any::Ipip(ipip::Ipip::new(c.clone())),
         }
     }
 }

@@ -105,35 +105,14 @@ impl Vxlan {
         nl: &Netlink,
         spec: &VxlanSpec,
     ) -> anyhow::Result<(Link, bool)> {
-        if let Some(l) = nl.link_by_name(&spec.name).await? {
-            if compatible(&l, &spec.attrs) {
-                return Ok((l, false));
-            }
-            tracing::warn!(
-                "{} exists with incompatible attributes ({:?}); re-creating it",
-                spec.name,
-                l.vxlan
-            );
-            nl.delete_link(l.index).await?;
-        }
-        match nl.create_vxlan(spec).await {
-            Ok(()) => {}
-            // Someone else (another agent start racing us) created it meanwhile.
-            Err(e) if e.errno() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(e).context("creating the VXLAN device"),
-        }
-        let l = nl
-            .link_by_name(&spec.name)
-            .await?
-            .with_context(|| format!("{} vanished after creation", spec.name))?;
-        tracing::info!(
-            "created {} (index {}, MAC {:?}, MTU {})",
-            l.name,
-            l.index,
-            l.mac.map(|m| m.to_string()),
-            l.mtu
-        );
-        Ok((l, true))
+        super::ensure_link(
+            nl,
+            &spec.name,
+            |l| compatible(l, &spec.attrs),
+            || nl.create_vxlan(spec),
+            "creating the VXLAN device",
+        )
+        .await
     }
 
     /// Prepares one family's device; returns its MTU and backend data.
@@ -207,24 +186,7 @@ impl Vxlan {
         if v6 {
             disable_accept_ra(&link.name);
         }
-        if let Some(subnet) = own {
-            let want = IpNetwork::new(subnet.network(), if v6 { 128 } else { 32 })?;
-            let have = nl.addresses(link.index).await?;
-            let stale = |a: &IpNetwork| {
-                a.is_ipv6() == v6 && *a != want && !crate::subnet::is_link_local(a.ip())
-            };
-            for a in have.iter().filter(|a| stale(a)) {
-                tracing::info!("removing stale address {a} from {}", link.name);
-                nl.del_address(link.index, *a).await?;
-            }
-            if !have.contains(&want) {
-                nl.add_address(link.index, want).await?;
-            }
-        }
-        if !link.up {
-            nl.set_up(link.index).await?;
-            link.up = true;
-        }
+        super::carry_lease(nl, &mut link, own, v6).await?;
         let d = self.dev_mut(v6);
         let changed = created || d.link.as_ref().map(|l| l.index) != Some(link.index);
         d.link = Some(link);
@@ -563,6 +525,7 @@ mod tests {
                 port: 8472,
                 ..want.clone()
             }),
+            iptun: None,
         };
         assert!(compatible(&l, &want));
         l.vxlan.as_mut().unwrap().vni = 2;

@@ -267,6 +267,12 @@ impl NetConf {
             None
         };
         let backend = backend::backend(f.get("Backend"))?;
+        if matches!(backend, BackendConf::Ipip(_)) && (v6.is_some() || v4.is_none()) {
+            return Err(err(
+                "EnableIPv6",
+                "the ipip backend carries IPv4 only (as upstream's); use vxlan or wireguard for IPv6",
+            ));
+        }
         let enable_nftables = f.bool("EnableNFTables", false)?;
         Ok(NetConf {
             v4,
@@ -908,5 +914,17 @@ mod tests {
         );
         let e = backend_of(r#"{"Type":"ipip","DirectRouting":"yes"}"#).unwrap_err();
         assert_eq!(e.field, "Backend.DirectRouting");
+    }
+
+    #[test]
+    fn ipip_is_ipv4_only() {
+        let e = bad(
+            r#"{"EnableIPv6":true,"Network":"10.244.0.0/16","IPv6Network":"fd00:10::/56","Backend":{"Type":"ipip"}}"#,
+        );
+        assert!(e.reason.contains("IPv4 only"), "{e}");
+        let e = bad(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd00:10::/56","Backend":{"Type":"ipip"}}"#,
+        );
+        assert!(e.reason.contains("IPv4 only"), "{e}");
     }
 }

@@ -12,7 +12,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
-    InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoData, InfoIpTunnel, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -23,7 +23,7 @@ use netlink_packet_route::route::{
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{
-    Handle, LinkMessageBuilder, LinkUnspec, LinkVxlan, LinkWireguard, RouteMessageBuilder,
+    Handle, LinkIpIp, LinkMessageBuilder, LinkUnspec, LinkVxlan, LinkWireguard, RouteMessageBuilder,
 };
 
 use super::model::{Dev, Diff, Observed, Route};
@@ -81,6 +81,8 @@ pub struct Link {
     pub up: bool,
     pub kind: Option<String>,
     pub vxlan: Option<VxlanAttrs>,
+    /// An ipip link's endpoints (None: any).
+    pub iptun: Option<(Option<IpAddr>, Option<IpAddr>)>,
 }
 
 fn parse_link(m: &LinkMessage) -> Link {
@@ -92,6 +94,7 @@ fn parse_link(m: &LinkMessage) -> Link {
         up: m.header.flags.contains(LinkFlags::Up),
         kind: None,
         vxlan: None,
+        iptun: None,
     };
     for a in &m.attributes {
         match a {
@@ -119,6 +122,21 @@ fn parse_link(m: &LinkMessage) -> Link {
                                 }
                             }
                             l.vxlan = Some(x);
+                        }
+                        LinkInfo::Data(InfoData::IpTunnel(t)) => {
+                            let (mut local, mut remote) = (None, None);
+                            for a in t {
+                                match a {
+                                    InfoIpTunnel::Local(ip) if !ip.is_unspecified() => {
+                                        local = Some(*ip)
+                                    }
+                                    InfoIpTunnel::Remote(ip) if !ip.is_unspecified() => {
+                                        remote = Some(*ip)
+                                    }
+                                    _ => {}
+                                }
+                            }
+                            l.iptun = Some((local, remote));
                         }
                         _ => {}
                     }
@@ -324,6 +342,22 @@ impl Netlink {
             .execute()
             .await
             .map_err(nlerr("create vxlan", &s.name))
+    }
+
+    /// `ip link add <name> type ipip local <local> mtu <mtu>` (fails where the
+    /// kernel has no ipip module).
+    pub async fn create_ipip(
+        &self,
+        name: &str,
+        local: std::net::Ipv4Addr,
+        mtu: u32,
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .add(LinkIpIp::new(name).local(local).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(nlerr("create ipip", name))
     }
 
     /// Creates a kernel WireGuard link (fails with EOPNOTSUPP/ENODEV where the
