@@ -24,7 +24,7 @@ NS=fl${LAB}-n1
 pop() { ip netns exec "fl${LAB}-cp" env BACKEND=extension "$POP" "$@"; }
 pop kube "$DIR/admin.kubeconfig" 0 "$N" >/dev/null
 hz=$(getconf CLK_TCK)
-lines() { grep -c "^$1 " "$OUT" 2>/dev/null || echo 0; }
+lines() { local n; n=$(grep -c "^$1 " "$OUT" 2>/dev/null) || true; echo "${n:-0}"; }
 t0=$(date +%s.%N)
 pid=$(L flannel-start $LAB 1)
 end=$((SECONDS + 300))
