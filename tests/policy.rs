@@ -735,3 +735,75 @@ fn network_policy_ipv6_and_host_gw() {
         "IPv6 stranger, still",
     );
 }
+
+/// nft itself accepts what the largest objects the API allows compile to: a
+/// 63-character namespace, 253-character pod names, and a policy of the
+/// longest name, checked with `nft -c` in a throwaway namespace (nothing is
+/// committed, and not in the machine's own namespace).
+#[test]
+#[ignore = "needs root (network namespaces, nft); scripts/test.sh runs it as root"]
+fn the_largest_objects_compile_to_a_table_nft_accepts() {
+    use flannel::policy::{compile, model, nft};
+    require_root();
+    let ns = "n".repeat(63);
+    let mut c = model::Cluster::default();
+    c.namespaces.insert(
+        ns.clone(),
+        [("kubernetes.io/metadata.name".to_string(), ns.clone())]
+            .into_iter()
+            .collect(),
+    );
+    for i in 0..3u8 {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("{}{i}", "p".repeat(252)), "namespace": ns, "labels": {"app": "web"}},
+            "spec": {"nodeName": "node1", "containers": [{"name": "c", "ports": [
+                {"name": "h".repeat(15), "containerPort": 8080, "protocol": "TCP"}]}]},
+            "status": {"phase": "Running", "podIP": format!("10.244.0.{}", 10 + i)}
+        }))
+        .unwrap();
+        let p = model::PodInfo::from_api(&pod).unwrap();
+        c.pods.insert((p.ns.clone(), p.name.clone()), p);
+    }
+    let np: k8s_openapi::api::networking::v1::NetworkPolicy = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "x".repeat(253), "namespace": ns},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                 "ingress": [{"from": [{"podSelector": {}}], "ports": [{"port": "h".repeat(15)}]}],
+                 "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}]}]}
+    }))
+    .unwrap();
+    let p = model::Policy::from_api(&np).unwrap();
+    c.policies.insert((p.ns.clone(), p.name.clone()), p);
+    let text = nft::full(&compile::compile(&c, "node1"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.nft");
+    std::fs::write(&file, &text).unwrap();
+    let netns = format!("flnftc{}", std::process::id());
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+    assert!(std::process::Command::new("ip")
+        .args(["netns", "add", &netns])
+        .status()
+        .unwrap()
+        .success());
+    let _gone = Gone(netns.clone());
+    let o = std::process::Command::new("timeout")
+        .args(["10", "ip", "netns", "exec", &netns, "nft", "-c", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "nft -c refused the table: {}\n{text}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        text.contains(&format!("{}/", ns)),
+        "the comments name the pods"
+    );
+}

@@ -52,6 +52,44 @@ pub fn short_id(x: &impl std::fmt::Debug) -> String {
     format!("{h:016x}")
 }
 
+/// nft's longest rule comment (`NFT_USERDATA_MAXLEN` for comments: 128).
+pub const MAX_COMMENT: usize = 128;
+
+/// A rule comment nft accepts: no quote or backslash, at most
+/// [`MAX_COMMENT`] bytes — a longer one keeps its start and end and a hash
+/// of the whole, so it stays unique and readable (a pod name may have 253
+/// characters).
+pub fn comment(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| {
+            if c == '"' || c == '\\' || c.is_control() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if clean.len() <= MAX_COMMENT {
+        return clean;
+    }
+    let id = &short_id(&text)[..8];
+    // Keep the tail (" ingress"/" egress") and as much of the head as fits.
+    let tail: String = {
+        let t: Vec<char> = clean.chars().rev().take(16).collect();
+        t.into_iter().rev().collect()
+    };
+    let room = MAX_COMMENT - tail.len() - id.len() - 3;
+    let mut head_end = room.min(clean.len());
+    while !clean.is_char_boundary(head_end) {
+        head_end -= 1;
+    }
+    format!("{}~{id}~{tail}", &clean[..head_end])
+        .chars()
+        .take(MAX_COMMENT)
+        .collect()
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Dir {
     Ingress,
@@ -270,8 +308,8 @@ impl Builder<'_> {
             "egress"
         };
         rules.push(format!(
-            "counter drop comment \"{}/{} {what}\"",
-            pod.ns, pod.name
+            "counter drop comment \"{}\"",
+            comment(&format!("{}/{} {what}", pod.ns, pod.name))
         ));
         self.out.chains.insert(chain.clone(), rules);
         for ip in &pod.ips {

@@ -64,14 +64,16 @@ pub struct PodInfo {
 }
 
 impl PodInfo {
-    /// A pod that takes part in policy: running with an address of its own.
+    /// A pod that takes part in policy: not in a terminal phase, with an
+    /// address of its own. A terminating pod (deletionTimestamp set) still
+    /// runs through its grace period: it stays protected as a target and
+    /// allowed as a peer until it is gone or Succeeded/Failed.
     pub fn from_api(p: &Pod) -> Option<PodInfo> {
         let meta = &p.metadata;
         let spec = p.spec.as_ref()?;
         let status = p.status.as_ref();
         let phase = status.and_then(|s| s.phase.as_deref());
-        if matches!(phase, Some("Succeeded") | Some("Failed")) || meta.deletion_timestamp.is_some()
-        {
+        if matches!(phase, Some("Succeeded") | Some("Failed")) {
             return None;
         }
         let mut ips: Vec<IpAddr> = status

@@ -301,3 +301,64 @@ fn delta_from_nothing_and_back() {
     assert!(full.starts_with("table inet flannel-policy {}\ndelete table inet flannel-policy\n"));
     assert!(full.contains("type filter hook forward priority filter - 5; policy accept;"));
 }
+
+#[test]
+fn comments_are_bounded_unique_and_quote_free() {
+    use super::compile::{comment, MAX_COMMENT};
+    assert_eq!(comment("a/web ingress"), "a/web ingress");
+    // The longest names the API allows: 63-character namespace, 253-character pod.
+    let ns = "n".repeat(63);
+    let a = format!("{ns}/{} ingress", "p".repeat(253));
+    let b = format!("{ns}/{}q ingress", "p".repeat(252));
+    let (ca, cb) = (comment(&a), comment(&b));
+    assert!(
+        ca.len() <= MAX_COMMENT && cb.len() <= MAX_COMMENT,
+        "{} {}",
+        ca.len(),
+        cb.len()
+    );
+    assert_ne!(ca, cb, "two long names must not share a comment");
+    assert!(ca.starts_with(&ns) && ca.ends_with(" ingress"), "{ca}");
+    assert_eq!(comment("x\"y\\z"), "x_y_z");
+    // Multibyte text is cut on a character boundary.
+    let c = comment(&"é".repeat(200));
+    assert!(c.len() <= MAX_COMMENT);
+}
+
+#[test]
+fn longest_pod_names_compile_to_writable_rules() {
+    let ns = "n".repeat(63);
+    let name = "p".repeat(253);
+    let c = cluster(
+        vec![pod(&ns, &name, "node1", "10.244.0.5", &[("app", "web")])],
+        vec![policy(&ns, "deny", serde_json::json!({"podSelector": {}}))],
+    );
+    let d = compile(&c, "node1");
+    for rules in d.chains.values() {
+        for r in rules {
+            if let Some(i) = r.find("comment \"") {
+                let text = &r[i + 9..r.len() - 1];
+                assert!(text.len() <= super::compile::MAX_COMMENT, "{r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_terminating_pod_keeps_its_policy_until_it_is_gone() {
+    let api: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "namespace": "a", "deletionTimestamp": "2026-12-03T10:00:00Z",
+                     "labels": {"app": "web"}},
+        "spec": {"nodeName": "node1", "containers": [{"name": "c"}]},
+        "status": {"phase": "Running", "podIP": "10.244.0.5"}
+    }))
+    .unwrap();
+    let p = PodInfo::from_api(&api).expect("a terminating pod still takes part");
+    assert_eq!(
+        p.ips,
+        vec!["10.244.0.5".parse::<std::net::IpAddr>().unwrap()]
+    );
+    let mut done = api.clone();
+    done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+    assert_eq!(PodInfo::from_api(&done), None);
+}
