@@ -500,6 +500,88 @@ fn repair_per_node_update_delete(w: &World) {
     );
     expect(lab, A, server, 9090, false, false, "after a flush");
 
+    // Inside the sets and maps (what `nft -t` does not list): every map and set
+    // flushed, one element deleted — each undone within a second.
+    let restores = || {
+        lab.flannel_log(1)
+            .matches("changed by someone else; restored")
+            .count()
+    };
+    let names = |kind: &str| -> Vec<String> {
+        let prefix = format!("{kind} ");
+        lines(&lab.exec(
+            "n1",
+            &["nft", "-t", "list", "table", "inet", "flannel-policy"],
+        ))
+        .into_iter()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix(prefix.as_str())?.to_string();
+            Some(rest.trim_end_matches(" {").to_string())
+        })
+        .collect()
+    };
+    let (maps, sets) = (names("map"), names("set"));
+    assert!(maps.contains(&"in4".to_string()), "{maps:?}");
+    assert!(
+        sets.iter().any(|n| lab
+            .exec("n1", &["nft", "list", "set", "inet", "flannel-policy", n])
+            .contains("elements =")),
+        "the policies use filled peer sets: {sets:?}"
+    );
+    let mut tamper: Vec<Vec<String>> = Vec::new();
+    // Flushing an empty one changes nothing (and the kernel says nothing).
+    let filled = |kind: &str, n: &str| {
+        lab.exec("n1", &["nft", "list", kind, "inet", "flannel-policy", n])
+            .contains("elements =")
+    };
+    for (kind, list) in [("map", &maps), ("set", &sets)] {
+        for n in list.iter().filter(|n| filled(kind, n)) {
+            tamper.push(
+                ["nft", "flush", kind, "inet", "flannel-policy", n.as_str()]
+                    .map(String::from)
+                    .to_vec(),
+            );
+        }
+    }
+    let el = format!("{{ {server} }}");
+    tamper.push(
+        [
+            "nft",
+            "delete",
+            "element",
+            "inet",
+            "flannel-policy",
+            "in4",
+            el.as_str(),
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    for cmd in &tamper {
+        let before = restores();
+        let args: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        lab.exec("n1", &args);
+        wait_until(
+            Duration::from_secs(1),
+            &format!("`{}` undone within a second", cmd.join(" ")),
+            || restores() > before,
+        );
+    }
+    expect(
+        lab,
+        A,
+        server,
+        9090,
+        false,
+        false,
+        "after the sets and maps were tampered with",
+    );
+    let m = lab.exec(
+        "n1",
+        &["nft", "list", "map", "inet", "flannel-policy", "in4"],
+    );
+    assert!(m.contains(server.as_str()), "{m}");
+
     // Node 2 enforces nothing: its pods stay open even though policies select none of them yet.
     lab.apply_json(policy(
         "b",

@@ -12,6 +12,7 @@
 pub mod compile;
 pub mod model;
 pub mod nft;
+pub mod table_watch;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -220,46 +221,6 @@ async fn apply(want: &Desired, applied: Option<&Desired>) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// nfnetlink's multicast group of nftables changes (NFNLGRP_NFTABLES).
-const NFNLGRP_NFTABLES: u32 = 7;
-
-/// Listens to the kernel's nftables change notifications (what `nft monitor`
-/// reads, without its output buffering); one naming our table wakes the enforcer,
-/// which then compares the table with what it wrote.
-fn watch_table(wake: Arc<tokio::sync::Notify>) {
-    use netlink_sys::{protocols::NETLINK_NETFILTER, AsyncSocket, AsyncSocketExt, TokioSocket};
-    let sock = TokioSocket::new(NETLINK_NETFILTER).and_then(|mut s| {
-        s.socket_mut().bind_auto()?;
-        s.socket_mut().add_membership(NFNLGRP_NFTABLES)?;
-        Ok(s)
-    });
-    let sock = match sock {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("network policy: cannot follow nftables changes ({e}); a flushed table is repaired on the next change only");
-            return;
-        }
-    };
-    let name = format!("{}\0", nft::TABLE).into_bytes();
-    tokio::spawn(async move {
-        loop {
-            match sock.recv_from_full().await {
-                Ok((buf, _)) => {
-                    if buf.windows(name.len()).any(|w| w == name.as_slice()) {
-                        wake.notify_one();
-                    }
-                }
-                Err(e) => {
-                    // ENOBUFS: notifications were lost; check the table.
-                    tracing::debug!("nftables notifications: {e}");
-                    wake.notify_one();
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    });
-}
-
 type Changes =
     futures::stream::SelectAll<futures::stream::BoxStream<'static, Result<Change, Failure>>>;
 
@@ -311,7 +272,18 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut changes = watches(clients.borrow_and_update().clone());
     let wake = Arc::new(tokio::sync::Notify::new());
-    watch_table(wake.clone());
+    // Someone else's change to our table (a rule, or one element of a set or
+    // map) wakes us; without the watcher a flushed table is repaired on the
+    // next change only.
+    let tw = match table_watch::start(nft::TABLE, wake.clone()) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!("network policy: cannot follow nftables changes ({e}); a changed table is repaired on the next change only");
+            None
+        }
+    };
+    // The nftables generation that holds our last write (see table_watch).
+    let mut ours: Option<u32> = None;
     let mut st = State::default();
     let mut applied: Option<Desired> = None;
     let mut seen: Option<String> = None;
@@ -356,8 +328,13 @@ pub async fn run(
         }
         let mut restored = false;
         if recheck && pending.is_none() && !failed {
-            // Woken by an nftables notification: our own writes echo back as well.
-            if applied.is_none() || listing().await == seen {
+            // Woken by an nftables notification: someone else's change after
+            // our last write, or (no generation known) a listing that differs.
+            let foreign = match (&tw, ours) {
+                (Some(t), Some(g)) => t.foreign_since(g),
+                _ => listing().await != seen,
+            };
+            if applied.is_none() || !foreign {
                 continue;
             }
             applied = None;
@@ -409,6 +386,10 @@ pub async fn run(
                 applied = Some(want);
                 seen = Some(l);
                 failed = false;
+                ours = match &tw {
+                    Some(t) => t.barrier().await,
+                    None => None,
+                };
             }
             Err(e) => {
                 tracing::error!("network policy: {e:#}");
