@@ -165,6 +165,22 @@ impl UserDevice {
     }
 }
 
+/// Reads and drops whatever is already waiting on the control socket.
+fn drain(s: &std::os::unix::net::UnixStream, buf: &mut [u8]) {
+    if s.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut r = s;
+    loop {
+        match r.read(buf) {
+            Ok(n) if n > 0 => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            _ => break,
+        }
+    }
+    let _ = s.set_nonblocking(false);
+}
+
 impl Uapi {
     /// Closing our end makes the device exit.
     fn close(&self) {
@@ -179,15 +195,21 @@ impl Uapi {
             let mut s = stream
                 .lock()
                 .map_err(|_| anyhow::anyhow!("control socket lock poisoned"))?;
+            let mut buf = [0u8; 16384];
+            // The rest of a reply an earlier request gave up on (timed out)
+            // must not be taken for this one's.
+            drain(&s, &mut buf);
             s.write_all(text.as_bytes())
                 .with_context(|| format!("writing to userspace WireGuard {name}"))?;
             let mut reply = Vec::new();
-            let mut buf = [0u8; 16384];
-            // A reply ends with "errno=N\n\n".
+            // A reply ends with "errno=N\n\n". A signal (SIGCHLD of a firewall
+            // tool, say) interrupting the read must not end the request early:
+            // the rest of this reply would then be read as the next one's.
             loop {
-                let n = s
-                    .read(&mut buf)
-                    .with_context(|| format!("reading from userspace WireGuard {name}"))?;
+                let n = match s.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    r => r.with_context(|| format!("reading from userspace WireGuard {name}"))?,
+                };
                 if n == 0 {
                     anyhow::bail!("userspace WireGuard {name} closed its control socket");
                 }
