@@ -41,9 +41,8 @@ fn alloc_publishes_and_keeps_the_lease_and_programs_nothing() {
             ("kube-subnet-manager", "true"),
         ],
     );
-    for n in 1..=2 {
-        lab.start_flannel(n, &[]);
-    }
+    lab.start_flannel(1, &["--ip-masq"]);
+    lab.start_flannel(2, &[]);
     for n in 1..=2 {
         wait_until(Duration::from_secs(30), "subnet.env", || {
             lab.subnet_env(n).contains("FLANNEL_SUBNET=")
@@ -64,6 +63,11 @@ fn alloc_publishes_and_keeps_the_lease_and_programs_nothing() {
     assert_eq!(annotation(&lab, "node2", "public-ip"), "198.18.0.12");
     wait_until(Duration::from_secs(20), "ready", || {
         lab.flannel_log(1).contains("dataplane ready")
+    });
+    // The masquerade rules are the backend's business as little as upstream's.
+    wait_until(Duration::from_secs(20), "node1's masquerade rules", || {
+        let o = lab.try_sh("exec", &["n1", "iptables-save", "-t", "nat"]);
+        String::from_utf8_lossy(&o.stdout).contains("-A FLANNEL-POSTRTG")
     });
     for n in 1..=2 {
         // No peer routes, no flannel device: someone else routes.

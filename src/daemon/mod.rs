@@ -112,11 +112,15 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
         };
         env.write(&flags.subnet_file)?;
         tracing::info!("wrote {}", flags.subnet_file.display());
-        let planes = if backend.routes_peers() {
-            planes(&conf, &own, flags.ip_blackhole_route)
-        } else {
-            Vec::new()
-        };
+        let mut planes = planes(&conf, &own, flags.ip_blackhole_route);
+        // The leased families, whatever the backend: their masquerade/forward rules.
+        let families: Vec<_> = planes
+            .iter()
+            .map(|p| (p.scope.network, p.scope.own))
+            .collect();
+        if !backend.routes_peers() {
+            planes.clear();
+        }
         let setup = firewall::Setup {
             ip_masq: flags.ip_masq,
             forward: flags.iptables_forward_rules,
@@ -125,10 +129,6 @@ impl<M: SubnetManager, B: Backend> Agent<M, B> {
             iptables_mode: flags.iptables_mode.clone(),
             resync: Duration::from_secs(flags.iptables_resync),
         };
-        let families: Vec<_> = planes
-            .iter()
-            .map(|p| (p.scope.network, p.scope.own))
-            .collect();
         for keeper in firewall::start(&setup, &families, metrics.clone())
             .await
             .context("setting up the masquerade/forward rules")?
