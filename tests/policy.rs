@@ -874,8 +874,13 @@ fn the_largest_objects_compile_to_a_table_nft_accepts() {
         .unwrap()
         .success());
     let _gone = Gone(netns.clone());
+    // nsenter, not `ip netns exec`: nft needs no mount namespace, and `ip
+    // netns exec` cannot remount / in every root (a fresh-machine chroot).
     let o = std::process::Command::new("timeout")
-        .args(["10", "ip", "netns", "exec", &netns, "nft", "-c", "-f"])
+        .arg("10")
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/{netns}"))
+        .args(["nft", "-c", "-f"])
         .arg(&file)
         .output()
         .unwrap();
