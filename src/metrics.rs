@@ -90,6 +90,14 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// A refused policy object: `kind` pod or policy; `reason` kernel (nft
+/// refused it) or invalid (the model cannot enforce it).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabel {
+    pub kind: &'static str,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScopeLabel {
     pub scope: &'static str,
@@ -158,6 +166,8 @@ pub struct Metrics {
     pub policy_latency: Histogram,
     /// nft objects in the policy table (sets, elements, chains, rules, map entries).
     pub policy_objects: Gauge,
+    /// Pods and policies left out of the policy table now, by kind and reason.
+    pub policy_refused: Family<RefusedLabel, Gauge>,
     /// Long-lived tasks: 1 while running (flannel_task_up).
     pub task_up: Family<TaskLabel, Gauge>,
     /// Times the supervisor restarted a task that had ended.
@@ -243,6 +253,7 @@ impl Metrics {
             lease_expiry: Family::default(),
             policy_latency: latency_histogram(),
             policy_objects: Gauge::default(),
+            policy_refused: Family::default(),
             task_up: Family::default(),
             task_restarts: Family::default(),
             peer_updates_malformed: Counter::default(),
@@ -340,6 +351,11 @@ impl Metrics {
             "flannel_policy_nft_objects",
             "Objects in the policy table: sets, set elements, chains, rules, map entries (--network-policy)",
             m.policy_objects.clone(),
+        );
+        r.register(
+            "flannel_policy_refused",
+            "Pods and NetworkPolicies not enforced now: reason kernel (nft refused them; the rest is enforced) or invalid (--network-policy)",
+            m.policy_refused.clone(),
         );
         r.register(
             "flannel_task_up",

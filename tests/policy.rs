@@ -894,3 +894,146 @@ fn the_largest_objects_compile_to_a_table_nft_accepts() {
         "the comments name the pods"
     );
 }
+
+/// An nft that refuses every transaction naming `markers` (as the kernel
+/// refuses an object it cannot hold) and passes everything else to the real
+/// nft: the agent must single out the refused object and enforce the rest.
+fn picky_nft(lab: &Lab, markers: &[&str]) -> String {
+    let real = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v nft"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let dir = lab.dir.join("picky-nft");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cases: Vec<String> = markers.iter().map(|m| format!("*{m}*")).collect();
+    let script = format!(
+        r#"#!/bin/bash
+# Refuses (as the kernel would) any transaction naming {markers:?}.
+for a in "$@"; do [ "$a" = "-f" ] && f=1; done
+[ -n "$f" ] || exec {real} "$@"
+text=$(cat)
+case "$text" in {cases}) echo "Error: Could not process rule: Invalid argument (picky nft)" >&2; exit 1;; esac
+printf '%s\n' "$text" | exec {real} "$@"
+"#,
+        real = real.trim(),
+        cases = cases.join("|")
+    );
+    let nft = dir.join("nft");
+    std::fs::write(&nft, script).unwrap();
+    std::process::Command::new("chmod")
+        .arg("755")
+        .arg(&nft)
+        .status()
+        .unwrap();
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+#[test]
+#[ignore = "needs root (network namespaces, nft); scripts/test.sh runs it as root"]
+fn an_object_nft_refuses_is_left_out_and_the_rest_enforced() {
+    require_root();
+    let lab = Lab::up("polr", &["--nodes", "2"]);
+    lab.kubectl(&[
+        "apply",
+        "-f",
+        top()
+            .join("deploy/network-policy-rbac.yml")
+            .to_str()
+            .unwrap(),
+    ]);
+    // The pod a/refuse-me (its chains' comment) and 203.0.113.99 (one
+    // policy's ipBlock) are what this node's nft will not take.
+    let path = picky_nft(&lab, &["a/refuse-me", "203.0.113.99"]);
+    let health = ["--healthz-ip=0.0.0.0", "--healthz-port=8471"];
+    let mut args = vec!["--ip-masq", "--network-policy"];
+    args.extend(health);
+    lab.start_flannel_env(1, &[("PATH", &path)], &args);
+    lab.start_flannel(2, &["--ip-masq"]);
+    let server = lab.add_pod(1, "server");
+    let client = lab.add_pod(2, "client");
+    let http = serde_json::json!([{"name": "http", "containerPort": 8080, "protocol": "TCP"}]);
+    lab.pod_object(
+        "a",
+        "server",
+        1,
+        &server,
+        serde_json::json!({"app": "server"}),
+        http,
+    );
+    let none = serde_json::json!([]);
+    let client_labels = serde_json::json!({"role": "client"});
+    lab.pod_object("a", "client", 2, &client, client_labels, none.clone());
+    // A second server pod (an object only) next to the good one.
+    let other = format!("{}.200", server.rsplit_once('.').unwrap().0);
+    let refused_labels = serde_json::json!({"app": "server"});
+    lab.pod_object("a", "refuse-me", 1, &other, refused_labels, none);
+    let _servers = serve(&lab, "n1-server", &[8080]);
+    wait_until(
+        Duration::from_secs(30),
+        "policy enforcement started",
+        || lab.flannel_log(1).contains("network policy: enforcing"),
+    );
+    let (from, port) = ("n2-client", 8080);
+    let tcp = |allowed: bool, what: &str| expect(&lab, from, &server, port, false, allowed, what);
+    tcp(true, "no policy");
+
+    // Deny all ingress in a: the refused pod is left out, the server is protected.
+    lab.apply_json(policy(
+        "a",
+        "deny",
+        serde_json::json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+    ));
+    wait_until(Duration::from_secs(15), "the refused pod named", || {
+        lab.flannel_log(1)
+            .contains("nft refuses the chains of pod a/refuse-me")
+    });
+    tcp(false, "deny-all, one pod refused");
+
+    // A policy nft refuses is left out (the server stays denied); a good one
+    // written after it still takes effect.
+    let bad = serde_json::json!({
+        "podSelector": {"matchLabels": {"app": "server"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}},
+                              {"ipBlock": {"cidr": "203.0.113.99/32"}}]}]});
+    lab.apply_json(policy("a", "allow-bad", bad));
+    wait_until(Duration::from_secs(15), "the refused policy named", || {
+        lab.flannel_log(1)
+            .contains("nft refuses NetworkPolicy a/allow-bad")
+    });
+    tcp(false, "the refused policy allows nothing");
+    let good = serde_json::json!({
+        "podSelector": {"matchLabels": {"app": "server"}},
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}],
+                     "ports": [{"port": 8080}]}]});
+    lab.apply_json(policy("a", "allow-good", good));
+    tcp(true, "a good policy next to a refused one");
+
+    let refused = |kind: &str| {
+        let text = lab.http_get("http://198.18.0.11:8471/metrics");
+        let want = format!("flannel_policy_refused{{kind=\"{kind}\",reason=\"kernel\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&want).map(|v| v.trim().to_string()))
+    };
+    assert_eq!(refused("pod").as_deref(), Some("1"), "refused pods");
+    assert_eq!(refused("policy").as_deref(), Some("1"), "refused policies");
+    // Gone from the API, gone from the refusals.
+    lab.kubectl(&["delete", "networkpolicy", "-n", "a", "allow-bad"]);
+    wait_until(Duration::from_secs(10), "the refusal dropped", || {
+        refused("policy").as_deref() == Some("0")
+    });
+    let log = lab.flannel_log(1);
+    assert_eq!(
+        log.matches("nft refuses NetworkPolicy a/allow-bad").count(),
+        1,
+        "warned once: {log}"
+    );
+    tcp(true, "after the refused policy went");
+}

@@ -323,8 +323,25 @@ impl Builder<'_> {
     }
 }
 
-/// The desired state for the pods on `node`.
-pub fn compile(cluster: &Cluster, node: &str) -> Desired {
+/// Pods and policies left out of the table (refused by the kernel), by
+/// namespace and name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Skip {
+    pub pods: BTreeSet<(String, String)>,
+    pub policies: BTreeSet<(String, String)>,
+}
+
+impl Skip {
+    pub fn pod(&self, p: &PodInfo) -> bool {
+        self.pods.contains(&(p.ns.clone(), p.name.clone()))
+    }
+
+    pub fn policy(&self, p: &Policy) -> bool {
+        self.policies.contains(&(p.ns.clone(), p.name.clone()))
+    }
+}
+
+fn with_maps(cluster: &Cluster) -> Builder<'_> {
     let mut b = Builder {
         cluster,
         out: Desired::default(),
@@ -332,34 +349,68 @@ pub fn compile(cluster: &Cluster, node: &str) -> Desired {
     for (m, _) in MAPS {
         b.out.maps.insert(m, BTreeMap::new());
     }
-    let local: Vec<&PodInfo> = cluster
+    b
+}
+
+/// The pods on `node` that policy can protect (pod network, addressed).
+pub fn local_pods<'a>(cluster: &'a Cluster, node: &'a str) -> impl Iterator<Item = &'a PodInfo> {
+    cluster
         .pods
         .values()
-        .filter(|p| p.node == node && !p.host_network && !p.ips.is_empty())
-        .collect();
-    for pod in local {
-        let selecting: Vec<&Policy> = cluster
-            .policies
-            .values()
-            .filter(|p| p.selects(pod))
-            .collect();
-        let ingress: Vec<&Policy> = selecting
+        .filter(move |p| p.node == node && !p.host_network && !p.ips.is_empty())
+}
+
+/// The policies that select `pod`, those in `skip` left out.
+pub fn selecting<'a>(cluster: &'a Cluster, pod: &PodInfo, skip: &Skip) -> Vec<&'a Policy> {
+    cluster
+        .policies
+        .values()
+        .filter(|p| p.selects(pod) && !skip.policy(p))
+        .collect()
+}
+
+impl Builder<'_> {
+    /// `pod`'s chains under `policies` (those that select it).
+    fn pod(&mut self, pod: &PodInfo, policies: &[&Policy]) {
+        let ingress: Vec<&Policy> = policies
             .iter()
             .copied()
             .filter(|p| p.ingress.is_some())
             .collect();
-        let egress: Vec<&Policy> = selecting
+        let egress: Vec<&Policy> = policies
             .iter()
             .copied()
             .filter(|p| p.egress.is_some())
             .collect();
         if !ingress.is_empty() {
-            b.pod_chain(Dir::Ingress, pod, &ingress);
+            self.pod_chain(Dir::Ingress, pod, &ingress);
         }
         if !egress.is_empty() {
-            b.pod_chain(Dir::Egress, pod, &egress);
+            self.pod_chain(Dir::Egress, pod, &egress);
         }
     }
+}
+
+/// The desired state for the pods on `node`.
+pub fn compile(cluster: &Cluster, node: &str) -> Desired {
+    compile_skipping(cluster, node, &Skip::default())
+}
+
+/// The desired state for the pods on `node`, without the pods and policies in `skip`.
+pub fn compile_skipping(cluster: &Cluster, node: &str, skip: &Skip) -> Desired {
+    let mut b = with_maps(cluster);
+    for pod in local_pods(cluster, node).filter(|p| !skip.pod(p)) {
+        let policies = selecting(cluster, pod, skip);
+        b.pod(pod, &policies);
+    }
+    b.out
+}
+
+/// The table holding only `pod`'s chains under `policies` (to single out
+/// what the kernel refuses).
+pub fn compile_one(cluster: &Cluster, pod: &PodInfo, policies: &[&Policy]) -> Desired {
+    let mut b = with_maps(cluster);
+    b.pod(pod, policies);
     b.out
 }
 
