@@ -18,7 +18,7 @@ need_pkgs=()
 for p in etcd-server etcd-client containernetworking-plugins iptables nftables iproute2 openssl iputils-ping protobuf-compiler libprotobuf-dev \
          buildah busybox-static systemd prometheus \
          curl procps kmod ca-certificates jq bc time \
-         tcpdump wireguard-tools iperf3 qemu-system-x86 xz-utils; do
+         tcpdump wireguard-tools iperf3 qemu-system-x86 xz-utils ipvsadm socat; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 

@@ -27,7 +27,7 @@ cargo build --locked --bins --examples  # tests/api_manners.rs runs examples/api
 rc=0
 cargo test --locked --all-targets --no-fail-fast -- --test-threads=2 --skip kernel_vm_ "${include[@]}" || rc=$?
 if [ "$(id -u)" = 0 ]; then
-  for t in wireguard ipip; do
+  for t in wireguard ipip policy; do
     bin=$(cargo test --locked --test "$t" --no-run --message-format=json 2>/dev/null \
       | jq -r "select(.executable != null and .target.name == \"$t\") | .executable")
     echo "test.sh: the kernel-path tests of $t, in the kernel VM" >&2

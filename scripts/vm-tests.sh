@@ -7,5 +7,5 @@ echo "kernel VM: $(uname -r), $(nproc) CPUs"
 # The lab's namespaces need these; the VM kernel loads the rest on demand.
 mkdir -p /run/netns /var/run
 # /dev/net/tun appears once the tun module is in (the userspace WireGuard needs it).
-modprobe tun; modprobe wireguard; modprobe ipip
+modprobe tun; modprobe wireguard; modprobe ipip; modprobe ip_vs; modprobe sctp; modprobe br_netfilter
 exec "$bin" --include-ignored --test-threads=1 "${@:-kernel_vm_}"

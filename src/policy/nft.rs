@@ -10,16 +10,31 @@ use super::compile::{Desired, MAPS};
 
 pub const TABLE: &str = "flannel-policy";
 
-/// The base chain: replies of allowed connections pass, IPv6 neighbour
-/// discovery passes, then a local pod's egress chain (by source address) and
-/// ingress chain (by destination address) decide. Hooked on forward, before
-/// flannel's masquerade (postrouting) and after kube-proxy's DNAT (prerouting),
-/// so it sees pod addresses on both sides; the node's own traffic to its pods
-/// (output) never passes here, so kubelet probes are always allowed.
+/// The base chains. `forward`: replies of allowed connections pass, IPv6
+/// neighbour discovery passes, then a local pod's egress chain (by source
+/// address) and ingress chain (by destination address) decide. Hooked on
+/// forward, before flannel's masquerade (postrouting) and after kube-proxy's
+/// iptables/nftables DNAT (prerouting), so it sees pod addresses on both sides.
+///
+/// `output`: kube-proxy in IPVS mode DNATs Service traffic at local-in and
+/// sends it on through the output path, so pod → ClusterIP → pod never passes
+/// forward (a real kernel shows it: tests/policy.rs, kernel_vm_*). Output
+/// judges it the same way, after the DNAT (the backend as the pod it is);
+/// the node's own traffic (a local source address: kubelet probes, the
+/// host's clients) passes untouched, as in forward it never appears.
 const BASE: &str = "  chain forward {
     type filter hook forward priority filter - 5; policy accept;
     ct state established,related accept
     icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert, nd-redirect } accept
+    ip saddr vmap @eg4
+    ip6 saddr vmap @eg6
+    ip daddr vmap @in4
+    ip6 daddr vmap @in6
+  }
+  chain output {
+    type filter hook output priority filter - 5; policy accept;
+    ct state established,related accept
+    fib saddr type local accept
     ip saddr vmap @eg4
     ip6 saddr vmap @eg6
     ip daddr vmap @in4
