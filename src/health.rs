@@ -48,6 +48,7 @@ async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 
 /// OpenMetrics when the scraper asks for it (Prometheus does), else text 0.0.4.
 async fn scrape(State(m): State<Arc<Metrics>>, headers: HeaderMap) -> impl IntoResponse {
+    m.refresh().await;
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

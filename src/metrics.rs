@@ -11,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Why the peer watch is not live right now (None: it is).
@@ -98,6 +99,26 @@ pub struct RefusedLabel {
     pub reason: &'static str,
 }
 
+/// Denied traffic at one local pod's default deny.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeniedPodLabel {
+    pub namespace: String,
+    pub pod: String,
+    pub direction: &'static str,
+}
+
+/// Denied traffic at the pods a policy isolates.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeniedPolicyLabel {
+    pub namespace: String,
+    pub policy: String,
+    pub direction: &'static str,
+}
+
+/// Work to do just before /metrics is rendered (e.g. reading kernel counters).
+pub type ScrapeHook =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync + 'static>;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScopeLabel {
     pub scope: &'static str,
@@ -168,6 +189,10 @@ pub struct Metrics {
     pub policy_objects: Gauge,
     /// Pods and policies left out of the policy table now, by kind and reason.
     pub policy_refused: Family<RefusedLabel, Gauge>,
+    /// Packets dropped by local pods' default deny, per pod and per policy.
+    pub policy_denied_pod: Family<DeniedPodLabel, Counter>,
+    pub policy_denied_policy: Family<DeniedPolicyLabel, Counter>,
+    scrape_hooks: std::sync::Mutex<std::collections::BTreeMap<&'static str, ScrapeHook>>,
     /// Long-lived tasks: 1 while running (flannel_task_up).
     pub task_up: Family<TaskLabel, Gauge>,
     /// Times the supervisor restarted a task that had ended.
@@ -254,6 +279,9 @@ impl Metrics {
             policy_latency: latency_histogram(),
             policy_objects: Gauge::default(),
             policy_refused: Family::default(),
+            policy_denied_pod: Family::default(),
+            policy_denied_policy: Family::default(),
+            scrape_hooks: Default::default(),
             task_up: Family::default(),
             task_restarts: Family::default(),
             peer_updates_malformed: Counter::default(),
@@ -358,6 +386,16 @@ impl Metrics {
             m.policy_refused.clone(),
         );
         r.register(
+            "flannel_policy_denied_packets",
+            "Packets (new connections and their retries) dropped by a local pod's default deny, by pod and direction (--network-policy; read from the kernel at scrape)",
+            m.policy_denied_pod.clone(),
+        );
+        r.register(
+            "flannel_policy_denied_by_policy_packets",
+            "Packets dropped at the local pods a policy isolates (each pod's drops count for every policy selecting it in that direction) (--network-policy)",
+            m.policy_denied_policy.clone(),
+        );
+        r.register(
             "flannel_task_up",
             "1 while the supervised task runs (peer-watch, lease-keeper, drift-monitor, firewall, network-policy, ...)",
             m.task_up.clone(),
@@ -438,6 +476,25 @@ impl Metrics {
             }
         }
         Ok(())
+    }
+
+    /// Sets the work `name` runs before each scrape (a restarted task
+    /// replaces its own).
+    pub fn on_scrape(&self, name: &'static str, hook: ScrapeHook) {
+        if let Ok(mut h) = self.scrape_hooks.lock() {
+            h.insert(name, hook);
+        }
+    }
+
+    /// Runs the scrape hooks (each bounded by its own timeout).
+    pub async fn refresh(&self) {
+        let hooks: Vec<ScrapeHook> = match self.scrape_hooks.lock() {
+            Ok(h) => h.values().cloned().collect(),
+            Err(_) => return,
+        };
+        for h in hooks {
+            h().await;
+        }
     }
 
     /// Marks the agent ready (lease held, dataplane programmed).

@@ -31,6 +31,19 @@ pub struct Desired {
     pub chains: BTreeMap<String, Vec<String>>,
     /// Map name (see [`MAPS`]) → address → chain.
     pub maps: BTreeMap<&'static str, BTreeMap<String, String>>,
+    /// Whose each pod chain is (for the denied-traffic counters).
+    pub owners: BTreeMap<String, Owner>,
+}
+
+/// The pod a chain guards, in which direction, under which policies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub ns: String,
+    pub pod: String,
+    /// `ingress` or `egress`.
+    pub direction: &'static str,
+    /// The policies (names, in the pod's namespace) that isolate it.
+    pub policies: Vec<String>,
 }
 
 impl Desired {
@@ -311,6 +324,15 @@ impl Builder<'_> {
             "counter drop comment \"{}\"",
             comment(&format!("{}/{} {what}", pod.ns, pod.name))
         ));
+        self.out.owners.insert(
+            chain.clone(),
+            Owner {
+                ns: pod.ns.clone(),
+                pod: pod.name.clone(),
+                direction: what,
+                policies: policies.iter().map(|p| p.name.clone()).collect(),
+            },
+        );
         self.out.chains.insert(chain.clone(), rules);
         for ip in &pod.ips {
             let m = maps[usize::from(ip.is_ipv6())];

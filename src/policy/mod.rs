@@ -12,6 +12,7 @@
 //! afterwards, while the API server is away, the last programmed rules stay.
 
 pub mod compile;
+pub mod denied;
 pub mod driver;
 pub mod isolate;
 pub mod model;
@@ -43,6 +44,8 @@ struct Table {
     seen: Option<String>,
     failed: bool,
     refusals: isolate::Refusals,
+    /// The pod chains' owners and drop counters, read at each scrape.
+    denied: Arc<std::sync::Mutex<denied::Denied>>,
 }
 
 impl Table {
@@ -58,9 +61,12 @@ impl Table {
                 None
             }
         };
+        let denied = Arc::new(std::sync::Mutex::new(denied::Denied::default()));
+        denied::export(denied.clone(), &metrics);
         Table {
             node,
             metrics,
+            denied,
             wake,
             tw,
             ours: None,
@@ -96,6 +102,7 @@ impl Table {
         let mut result = driver::apply(&want, self.applied.as_ref()).await;
         if result.is_err() && self.applied.is_some() {
             // The difference did not apply to what the kernel holds: write it whole.
+            self.applied = None;
             result = driver::apply(&want, None).await;
         }
         if let Err(e) = result {
@@ -118,6 +125,7 @@ impl Table {
             }
             skip = self.refusals.skip(&st.cluster);
             want = compile::compile_skipping(&st.cluster, &self.node, &skip);
+            self.applied = None;
             driver::apply(&want, None).await?;
         }
         self.count_refused(st);
@@ -194,6 +202,17 @@ impl Table {
                 .observe(since.elapsed().as_secs_f64());
         }
         self.metrics.policy_objects.set(want.objects() as i64);
+        // Chains written again count their drops from 0.
+        let rewritten: Option<Vec<String>> = self.applied.as_ref().map(|old| {
+            want.chains
+                .iter()
+                .filter(|(c, r)| old.chains.get(*c) != Some(r))
+                .map(|(c, _)| c.clone())
+                .collect()
+        });
+        if let Ok(mut d) = self.denied.lock() {
+            d.set_owners(want.owners.clone(), rewritten.as_deref());
+        }
         tracing::debug!("network policy applied in {:?}", started.elapsed());
         self.applied = Some(want);
         self.seen = Some(listing);

@@ -300,6 +300,31 @@ fn delta_from_nothing_and_back() {
     let full = nft::full(&d);
     assert!(full.starts_with("table inet flannel-policy {}\ndelete table inet flannel-policy\n"));
     assert!(full.contains("type filter hook forward priority filter - 5; policy accept;"));
+    // Output (IPVS Services): the node's own traffic and replies pass before any
+    // pod chain is consulted.
+    let out: Vec<&str> = full
+        .split("chain output {")
+        .nth(1)
+        .and_then(|c| c.split('}').next())
+        .map(|c| c.lines().map(str::trim).filter(|l| !l.is_empty()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        out.first().copied(),
+        Some("type filter hook output priority filter - 5; policy accept;"),
+        "{full}"
+    );
+    // A missing line is "last": every ordering with it fails.
+    let pos = |p: &str| {
+        out.iter()
+            .position(|l| l.starts_with(p))
+            .unwrap_or(usize::MAX)
+    };
+    assert!(pos("ct state established,related accept") < pos("fib saddr type local accept"));
+    assert!(
+        pos("fib saddr type local accept") < pos("ip saddr vmap @eg4"),
+        "{full}"
+    );
+    assert!(pos("ip6 daddr vmap @in6") < usize::MAX, "{full}");
 }
 
 #[test]
@@ -361,4 +386,87 @@ fn a_terminating_pod_keeps_its_policy_until_it_is_gone() {
     let mut done = api.clone();
     done.status.as_mut().unwrap().phase = Some("Succeeded".into());
     assert_eq!(PodInfo::from_api(&done), None);
+}
+
+#[test]
+fn denied_counters_grow_across_chain_rewrites_and_forget_gone_pods() {
+    use super::compile::Owner;
+    use super::denied::{drops, Denied};
+    use crate::metrics::Metrics;
+    let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+        {"rule": {"chain": "in-1", "expr": [{"match": {}}, {"return": null}]}},
+        {"rule": {"chain": "in-1", "comment": "a/web ingress", "expr": [{"counter": {"packets": 7, "bytes": 420}}, {"drop": null}]}},
+        {"rule": {"chain": "eg-2", "expr": [{"counter": {"packets": 3, "bytes": 1}}, {"drop": null}]}},
+        {"rule": {"chain": "forward", "expr": [{"counter": {"packets": 99, "bytes": 1}}]}}]}"#;
+    let d = drops(json);
+    assert_eq!(d.get("in-1"), Some(&7));
+    assert_eq!(d.get("eg-2"), Some(&3));
+    assert_eq!(
+        d.get("forward"),
+        None,
+        "a counter without drop is not a denial"
+    );
+    assert!(drops("not json").is_empty());
+
+    let owner = |pod: &str, direction, policies: &[&str]| Owner {
+        ns: "a".into(),
+        pod: pod.into(),
+        direction,
+        policies: policies.iter().map(|p| p.to_string()).collect(),
+    };
+    let owners: BTreeMap<String, Owner> = [
+        (
+            "in-1".to_string(),
+            owner("web", "ingress", &["deny", "allow"]),
+        ),
+        ("eg-2".to_string(), owner("db", "egress", &["deny"])),
+    ]
+    .into_iter()
+    .collect();
+    let m = Metrics::new();
+    let mut den = Denied::default();
+    den.set_owners(owners.clone(), None);
+    den.observe(&d, &m);
+    let text = m.render();
+    let value = |series: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).map(|v| v.trim().to_string()))
+    };
+    assert_eq!(
+        value(
+            r#"flannel_policy_denied_packets_total{namespace="a",pod="web",direction="ingress"} "#
+        )
+        .as_deref(),
+        Some("7"),
+        "{text}"
+    );
+    assert_eq!(
+        value(r#"flannel_policy_denied_by_policy_packets_total{namespace="a",policy="deny",direction="ingress"} "#)
+            .as_deref(),
+        Some("7"),
+        "{text}"
+    );
+    // in-1 rewritten (its kernel counter restarts at 0, then 2 more drops);
+    // db's pod gone.
+    den.set_owners(
+        owners.into_iter().filter(|(c, _)| c == "in-1").collect(),
+        Some(&["in-1".to_string()]),
+    );
+    den.observe(&drops(r#"{"nftables": [{"rule": {"chain": "in-1", "expr": [{"counter": {"packets": 2}}, {"drop": null}]}}]}"#), &m);
+    let text = m.render();
+    assert!(
+        text.contains(
+            r#"flannel_policy_denied_packets_total{namespace="a",pod="web",direction="ingress"} 9"#
+        ),
+        "{text}"
+    );
+    assert!(
+        !text.contains(r#"pod="db""#),
+        "a gone pod's series is removed: {text}"
+    );
+    assert!(
+        text.contains(r#"flannel_policy_denied_by_policy_packets_total{namespace="a",policy="deny",direction="ingress"} 9"#),
+        "{text}"
+    );
+    assert!(!text.contains(r#"direction="egress""#), "{text}");
 }
