@@ -109,6 +109,9 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     if flags.network_policy && !flags.kube_subnet_mgr {
         anyhow::bail!("--network-policy needs --kube-subnet-mgr (policies, pods and namespaces come from the API server)");
     }
+    if flags.policy_log_denied && !flags.network_policy {
+        tracing::warn!("--policy-log-denied does nothing without --network-policy");
+    }
     if flags.network_policy && !flags.ip_masq {
         tracing::warn!("--network-policy without --ip-masq: the CNI bridge plugin then masquerades pod traffic between nodes, so policies see node addresses, not pods'; use --ip-masq (as kube-flannel.yml does)");
     }
@@ -147,8 +150,9 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
                     manager.node_name().to_string(),
                     metrics.clone(),
                 );
+                let log = flags.policy_log_denied;
                 sup.restartable("network-policy", move || {
-                    flannel::policy::run(m.clients(), node.clone(), metrics.clone())
+                    flannel::policy::run(m.clients(), node.clone(), metrics.clone(), log)
                 });
             }
             let depth = manager.queue_depth();

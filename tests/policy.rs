@@ -945,7 +945,7 @@ fn an_object_nft_refuses_is_left_out_and_the_rest_enforced() {
     // policy's ipBlock) are what this node's nft will not take.
     let path = picky_nft(&lab, &["a/refuse-me", "203.0.113.99"]);
     let health = ["--healthz-ip=0.0.0.0", "--healthz-port=8471"];
-    let mut args = vec!["--ip-masq", "--network-policy"];
+    let mut args = vec!["--ip-masq", "--network-policy", "--policy-log-denied"];
     args.extend(health);
     lab.start_flannel_env(1, &[("PATH", &path)], &args);
     lab.start_flannel(2, &["--ip-masq"]);
@@ -1006,6 +1006,13 @@ fn an_object_nft_refuses_is_left_out_and_the_rest_enforced() {
     assert!(count(pol) >= before, "and for the policy");
     tcp(false, "still denied");
     assert!(count(pod) > before, "a new attempt counted");
+    // And logged (nflog): who, to whom, on what, whose default deny.
+    let said = format!(
+        "network policy denied: a/client ({client}) → a/server ({server}) tcp/8080: ingress of a/server, isolated by deny, no rule allows it"
+    );
+    wait_until(Duration::from_secs(5), "the denied attempt logged", || {
+        lab.flannel_log(1).contains(&said)
+    });
 
     // A policy nft refuses is left out (the server stays denied); a good one
     // written after it still takes effect.

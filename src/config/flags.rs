@@ -125,6 +125,10 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_NETWORK_POLICY", default_value = "false", num_args = 0..=1,
           require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub network_policy: bool,
+    /// with --network-policy: log denied connection attempts (source and destination pod, protocol, port; at most 10 a second per pod, through nflog group 2045; flannel-rs)
+    #[arg(long, env = "FLANNELD_POLICY_LOG_DENIED", default_value = "false", num_args = 0..=1,
+          require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
+    pub policy_log_denied: bool,
     /// contact the Kubernetes API for subnet assignment instead of etcd
     #[arg(long, env = "FLANNELD_KUBE_SUBNET_MGR", default_value = "false", num_args = 0..=1,
           require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
@@ -556,6 +560,7 @@ mod tests {
             "--ip-masq-fully-random-disable",
             "--iptables-mode",
             "--network-policy",
+            "--policy-log-denied",
             "-v",
         ] {
             assert!(help.contains(flag), "help misses {flag}");

@@ -130,7 +130,12 @@ fn fam(v6: bool) -> &'static str {
 struct Builder<'a> {
     cluster: &'a Cluster,
     out: Desired,
+    /// Log denied attempts (nflog, rate-limited per chain).
+    log: bool,
 }
+
+/// The nflog group denied attempts are sent to (`--policy-log-denied`).
+pub const NFLOG_GROUP: u16 = 2045;
 
 impl Builder<'_> {
     /// The two sets (IPv4, IPv6) of the addresses a pod peer picks; their names.
@@ -320,6 +325,12 @@ impl Builder<'_> {
         } else {
             "egress"
         };
+        if self.log {
+            // The prefix names the chain: the agent knows whose it is.
+            rules.push(format!(
+                "limit rate 10/second burst 20 packets log prefix \"{chain}\" group {NFLOG_GROUP} snaplen 96"
+            ));
+        }
         rules.push(format!(
             "counter drop comment \"{}\"",
             comment(&format!("{}/{} {what}", pod.ns, pod.name))
@@ -363,10 +374,11 @@ impl Skip {
     }
 }
 
-fn with_maps(cluster: &Cluster) -> Builder<'_> {
+fn with_maps(cluster: &Cluster, log: bool) -> Builder<'_> {
     let mut b = Builder {
         cluster,
         out: Desired::default(),
+        log,
     };
     for (m, _) in MAPS {
         b.out.maps.insert(m, BTreeMap::new());
@@ -415,12 +427,13 @@ impl Builder<'_> {
 
 /// The desired state for the pods on `node`.
 pub fn compile(cluster: &Cluster, node: &str) -> Desired {
-    compile_skipping(cluster, node, &Skip::default())
+    compile_skipping(cluster, node, &Skip::default(), false)
 }
 
-/// The desired state for the pods on `node`, without the pods and policies in `skip`.
-pub fn compile_skipping(cluster: &Cluster, node: &str, skip: &Skip) -> Desired {
-    let mut b = with_maps(cluster);
+/// The desired state for the pods on `node`, without the pods and policies
+/// in `skip`; `log`: denied attempts are logged (nflog).
+pub fn compile_skipping(cluster: &Cluster, node: &str, skip: &Skip, log: bool) -> Desired {
+    let mut b = with_maps(cluster, log);
     for pod in local_pods(cluster, node).filter(|p| !skip.pod(p)) {
         let policies = selecting(cluster, pod, skip);
         b.pod(pod, &policies);
@@ -430,8 +443,8 @@ pub fn compile_skipping(cluster: &Cluster, node: &str, skip: &Skip) -> Desired {
 
 /// The table holding only `pod`'s chains under `policies` (to single out
 /// what the kernel refuses).
-pub fn compile_one(cluster: &Cluster, pod: &PodInfo, policies: &[&Policy]) -> Desired {
-    let mut b = with_maps(cluster);
+pub fn compile_one(cluster: &Cluster, pod: &PodInfo, policies: &[&Policy], log: bool) -> Desired {
+    let mut b = with_maps(cluster, log);
     b.pod(pod, policies);
     b.out
 }

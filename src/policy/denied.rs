@@ -59,6 +59,11 @@ impl Denied {
         self.owners = owners;
     }
 
+    /// Whose `chain` is.
+    pub fn owner(&self, chain: &str) -> Option<&Owner> {
+        self.owners.get(chain)
+    }
+
     /// Folds one reading in: each chain's growth (or, after a reset, its whole
     /// count) is added to its pod's and its policies' counters; series of pods
     /// and policies no longer there are removed.

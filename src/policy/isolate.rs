@@ -129,14 +129,19 @@ async fn refused(d: &Desired) -> anyhow::Result<bool> {
 }
 
 /// The pod or policy behind the kernel refusing `pod`'s chains.
-async fn on_pod(cluster: &Cluster, pod: &PodInfo, skip: &Skip) -> anyhow::Result<Offender> {
+async fn on_pod(
+    cluster: &Cluster,
+    pod: &PodInfo,
+    skip: &Skip,
+    log: bool,
+) -> anyhow::Result<Offender> {
     let deny = deny_all(&pod.ns);
-    if refused(&compile::compile_one(cluster, pod, &[&deny])).await? {
+    if refused(&compile::compile_one(cluster, pod, &[&deny], log)).await? {
         return Ok(Offender::Pod(pod_key(pod)));
     }
     let policies = compile::selecting(cluster, pod, skip);
     let found = bisect(policies, |some: &[&Policy]| {
-        compile::compile_one(cluster, pod, some)
+        compile::compile_one(cluster, pod, some, log)
     })
     .await?;
     Ok(match found {
@@ -153,11 +158,12 @@ pub async fn offenders(
     cluster: &Cluster,
     node: &str,
     skip: &Skip,
+    log: bool,
 ) -> anyhow::Result<Vec<Offender>> {
     let mut skip = skip.clone();
     let mut found = Vec::new();
     for _ in 0..MAX_OFFENDERS {
-        if !refused(&compile::compile_skipping(cluster, node, &skip)).await? {
+        if !refused(&compile::compile_skipping(cluster, node, &skip, log)).await? {
             return Ok(found);
         }
         let local: Vec<&PodInfo> = compile::local_pods(cluster, node)
@@ -174,13 +180,13 @@ pub async fn offenders(
             s
         };
         let pod = bisect(local.clone(), |some: &[&PodInfo]| {
-            compile::compile_skipping(cluster, node, &only(some))
+            compile::compile_skipping(cluster, node, &only(some), log)
         })
         .await?;
         let Some(pod) = pod else {
             anyhow::bail!("nft refuses the policy table, but not for any one pod's chains");
         };
-        let o = on_pod(cluster, pod, &skip).await?;
+        let o = on_pod(cluster, pod, &skip, log).await?;
         match &o {
             Offender::Pod(k) => skip.pods.insert(k.clone()),
             Offender::Policy(k, _) => skip.policies.insert(k.clone()),

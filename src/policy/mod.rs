@@ -13,9 +13,11 @@
 
 pub mod compile;
 pub mod denied;
+pub mod deny_log;
 pub mod driver;
 pub mod isolate;
 pub mod model;
+pub mod nflog;
 pub mod nft;
 pub mod table_watch;
 pub mod watch;
@@ -46,10 +48,12 @@ struct Table {
     refusals: isolate::Refusals,
     /// The pod chains' owners and drop counters, read at each scrape.
     denied: Arc<std::sync::Mutex<denied::Denied>>,
+    /// `--policy-log-denied`: chains log their drops (nflog).
+    log: bool,
 }
 
 impl Table {
-    fn new(node: String, metrics: Arc<Metrics>) -> Table {
+    fn new(node: String, metrics: Arc<Metrics>, log: bool) -> Table {
         let wake = Arc::new(tokio::sync::Notify::new());
         // Someone else's change to our table (a rule, or one element of a set
         // or map) wakes us; without the watcher a flushed table is repaired on
@@ -74,6 +78,7 @@ impl Table {
             seen: None,
             failed: false,
             refusals: Default::default(),
+            log,
         }
     }
 
@@ -98,7 +103,7 @@ impl Table {
     /// the kernel refuses, which are left out.
     async fn write(&mut self, st: &State) -> anyhow::Result<Desired> {
         let mut skip = self.refusals.skip(&st.cluster);
-        let mut want = compile::compile_skipping(&st.cluster, &self.node, &skip);
+        let mut want = compile::compile_skipping(&st.cluster, &self.node, &skip, self.log);
         let mut result = driver::apply(&want, self.applied.as_ref()).await;
         if result.is_err() && self.applied.is_some() {
             // The difference did not apply to what the kernel holds: write it whole.
@@ -107,7 +112,7 @@ impl Table {
         }
         if let Err(e) = result {
             let t = Instant::now();
-            let found = match isolate::offenders(&st.cluster, &self.node, &skip).await {
+            let found = match isolate::offenders(&st.cluster, &self.node, &skip, self.log).await {
                 Ok(found) => found,
                 Err(why) => return Err(e.context(format!("{why:#}"))),
             };
@@ -124,7 +129,7 @@ impl Table {
                 self.refusals.refuse(&st.cluster, o);
             }
             skip = self.refusals.skip(&st.cluster);
-            want = compile::compile_skipping(&st.cluster, &self.node, &skip);
+            want = compile::compile_skipping(&st.cluster, &self.node, &skip, self.log);
             self.applied = None;
             driver::apply(&want, None).await?;
         }
@@ -232,9 +237,26 @@ pub async fn run(
     mut clients: tokio::sync::watch::Receiver<Client>,
     node: String,
     metrics: Arc<Metrics>,
+    log_denied: bool,
 ) -> anyhow::Result<()> {
     let mut changes = watch::watches(clients.borrow_and_update().clone());
-    let mut table = Table::new(node.clone(), metrics);
+    let mut table = Table::new(node.clone(), metrics, log_denied);
+    let (denials_tx, mut denials) = tokio::sync::mpsc::channel::<nflog::Denial>(64);
+    let mut said = deny_log::Said::default();
+    if log_denied {
+        match nflog::start(denials_tx).await {
+            Ok(()) => tracing::info!(
+                "network policy: logging denied connection attempts (nflog group {})",
+                compile::NFLOG_GROUP
+            ),
+            Err(e) => tracing::warn!(
+                "network policy: cannot log denied attempts: nflog group {}: {e} (is another program bound to it, or is nfnetlink_log missing?); enforcing without the log",
+                compile::NFLOG_GROUP
+            ),
+        }
+    } else {
+        drop(denials_tx);
+    }
     let wake = table.wake.clone();
     let mut st = State::default();
     let mut log = crate::retry::Throttle::new("watching pods, namespaces and network policies");
@@ -262,6 +284,12 @@ pub async fn run(
                 None => anyhow::bail!("the pod, namespace and policy watches ended"),
             },
             _ = wake.notified() => recheck = true,
+            Some(d) = denials.recv() => {
+                if let Ok(den) = table.denied.lock() {
+                    said.denied(&d, den.owner(&d.chain), &st.cluster);
+                }
+                continue;
+            }
             ch = clients.changed() => {
                 if ch.is_err() {
                     anyhow::bail!("the Kubernetes client is gone");

@@ -470,3 +470,45 @@ fn denied_counters_grow_across_chain_rewrites_and_forget_gone_pods() {
     );
     assert!(!text.contains(r#"direction="egress""#), "{text}");
 }
+
+#[test]
+fn a_denial_names_both_pods_the_port_and_the_isolating_policies() {
+    use super::compile::Owner;
+    use super::deny_log::line;
+    use super::nflog::Denial;
+    let c = cluster(
+        vec![
+            pod("a", "client", "n2", "10.244.1.5", &[]),
+            pod("a", "server", "n1", "10.244.0.3", &[]),
+        ],
+        vec![],
+    );
+    let d = Denial {
+        chain: "in-1".into(),
+        src: "10.244.1.5".parse().unwrap(),
+        dst: "10.244.0.3".parse().unwrap(),
+        proto: "tcp".into(),
+        port: Some(8080),
+    };
+    let o = Owner {
+        ns: "a".into(),
+        pod: "server".into(),
+        direction: "ingress",
+        policies: vec!["deny".into(), "web".into()],
+    };
+    assert_eq!(
+        line(&d, Some(&o), &c),
+        "network policy denied: a/client (10.244.1.5) → a/server (10.244.0.3) tcp/8080: ingress of a/server, isolated by deny, web, no rule allows it"
+    );
+    // An address no pod holds, a chain no longer known, no port.
+    let other = Denial {
+        src: "192.0.2.1".parse().unwrap(),
+        proto: "icmp".into(),
+        port: None,
+        ..d
+    };
+    assert_eq!(
+        line(&other, None, &c),
+        "network policy denied: 192.0.2.1 → a/server (10.244.0.3) icmp: chain in-1, no rule allows it"
+    );
+}
