@@ -173,9 +173,18 @@ fn monitor(netns: &str) -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<I
             }
         };
         let name = b"flannel-policy\0";
-        while let Ok((buf, _)) = sock.recv_from_full() {
-            if buf.windows(name.len()).any(|w| w == name) && tx.send(Instant::now()).is_err() {
-                return;
+        loop {
+            match sock.recv_from_full() {
+                Ok((buf, _)) => {
+                    if buf.windows(name.len()).any(|w| w == name)
+                        && tx.send(Instant::now()).is_err()
+                    {
+                        return;
+                    }
+                }
+                // A big write overflows the socket (ENOBUFS): later notices still come.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
+                Err(_) => return,
             }
         }
     });

@@ -836,7 +836,7 @@ fn the_largest_objects_compile_to_a_table_nft_accepts() {
             .collect(),
     );
     for i in 0..3u8 {
-        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        let pod: flannel::policy::lite::PodLite = serde_json::from_value(serde_json::json!({
             "metadata": {"name": format!("{}{i}", "p".repeat(252)), "namespace": ns, "labels": {"app": "web"}},
             "spec": {"nodeName": "node1", "containers": [{"name": "c", "ports": [
                 {"name": "h".repeat(15), "containerPort": 8080, "protocol": "TCP"}]}]},

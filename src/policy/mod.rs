@@ -16,6 +16,7 @@ pub mod denied;
 pub mod deny_log;
 pub mod driver;
 pub mod isolate;
+pub mod lite;
 pub mod model;
 pub mod nflog;
 pub mod nft;

@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Namespace;
+
+use super::lite::PodLite;
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -68,7 +70,7 @@ impl PodInfo {
     /// address of its own. A terminating pod (deletionTimestamp set) still
     /// runs through its grace period: it stays protected as a target and
     /// allowed as a peer until it is gone or Succeeded/Failed.
-    pub fn from_api(p: &Pod) -> Option<PodInfo> {
+    pub fn from_api(p: &PodLite) -> Option<PodInfo> {
         let meta = &p.metadata;
         let spec = p.spec.as_ref()?;
         let status = p.status.as_ref();
@@ -94,7 +96,7 @@ impl PodInfo {
             .filter_map(|cp| {
                 Some(NamedPort {
                     name: cp.name.clone()?,
-                    port: u16::try_from(cp.container_port).ok()?,
+                    port: u16::try_from(cp.container_port).ok().filter(|p| *p > 0)?,
                     proto: Proto::parse(cp.protocol.as_deref()).ok()?,
                 })
             })

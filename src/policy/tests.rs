@@ -371,7 +371,7 @@ fn longest_pod_names_compile_to_writable_rules() {
 
 #[test]
 fn a_terminating_pod_keeps_its_policy_until_it_is_gone() {
-    let api: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+    let api: super::lite::PodLite = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "web", "namespace": "a", "deletionTimestamp": "2026-12-03T10:00:00Z",
                      "labels": {"app": "web"}},
         "spec": {"nodeName": "node1", "containers": [{"name": "c"}]},
@@ -511,4 +511,50 @@ fn a_denial_names_both_pods_the_port_and_the_isolating_policies() {
         line(&other, None, &c),
         "network policy denied: 192.0.2.1 → a/server (10.244.0.3) icmp: chain in-1, no rule allows it"
     );
+}
+
+#[test]
+fn a_full_pod_decodes_to_what_policy_reads_and_nothing_else() {
+    // A Pod as the API server sends it: managedFields, annotations, env,
+    // volumes and conditions are skipped; what policy reads is kept.
+    let json = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-0", "namespace": "shop", "resourceVersion": "42",
+            "labels": {"app": "web", "tier": "front"},
+            "annotations": {"big": "x".repeat(10_000)},
+            "managedFields": [{"manager": "kubelet", "operation": "Update", "fieldsV1": {"f:status": {}}}],
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "web", "uid": "u"}]},
+        "spec": {"nodeName": "node1", "hostNetwork": false,
+            "volumes": [{"name": "v", "emptyDir": {}}],
+            "containers": [
+                {"name": "app", "image": "i", "env": [{"name": "A", "value": "b"}],
+                 "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                           {"containerPort": 9000},
+                           {"name": "assoc", "containerPort": 9000, "protocol": "SCTP"}]},
+                {"name": "side", "image": "j"}]},
+        "status": {"phase": "Running", "podIP": "10.244.0.5",
+            "podIPs": [{"ip": "10.244.0.5"}, {"ip": "fd00:10:244::5"}],
+            "conditions": [{"type": "Ready", "status": "True"}]}
+    });
+    let lite: super::lite::PodLite = serde_json::from_value(json).unwrap();
+    assert_eq!(lite.metadata.resource_version.as_deref(), Some("42"));
+    assert!(lite.metadata.annotations.is_none() && lite.metadata.managed_fields.is_none());
+    let p = PodInfo::from_api(&lite).unwrap();
+    assert_eq!(
+        (p.ns.as_str(), p.name.as_str(), p.node.as_str()),
+        ("shop", "web-0", "node1")
+    );
+    assert_eq!(p.labels, labels(&[("app", "web"), ("tier", "front")]));
+    assert_eq!(
+        p.ips,
+        vec![
+            "10.244.0.5".parse::<std::net::IpAddr>().unwrap(),
+            "fd00:10:244::5".parse().unwrap()
+        ]
+    );
+    assert_eq!(p.named_port("http", Proto::Tcp), Some(8080));
+    assert_eq!(p.named_port("assoc", Proto::Sctp), Some(9000));
+    assert_eq!(p.named_port("assoc", Proto::Tcp), None);
+    assert_eq!(p.ports.len(), 2, "an unnamed port is no named port");
+    assert!(!p.host_network);
 }

@@ -6,11 +6,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::watcher::Event;
 use kube::{Api, Client};
 
+use super::lite::PodLite as Pod;
 use super::model::{self, Cluster, PodInfo, Policy};
 use crate::manager::kube::watch::{self, Failure, Item};
 
