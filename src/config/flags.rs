@@ -125,7 +125,7 @@ pub struct Flags {
     #[arg(long, env = "FLANNELD_NETWORK_POLICY", default_value = "false", num_args = 0..=1,
           require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub network_policy: bool,
-    /// with --network-policy: log denied connection attempts (source and destination pod, protocol, port; at most 10 a second per pod, through nflog group 2045; flannel-rs)
+    /// log denied connection attempts: source and destination pod, protocol, port; at most 10 a second per pod, through nflog group 2045 (flannel-rs; needs --network-policy to act)
     #[arg(long, env = "FLANNELD_POLICY_LOG_DENIED", default_value = "false", num_args = 0..=1,
           require_equals = true, default_missing_value = "true", value_parser = parse_go_bool)]
     pub policy_log_denied: bool,
