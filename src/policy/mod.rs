@@ -19,6 +19,7 @@ pub mod isolate;
 pub mod lite;
 pub mod model;
 pub mod nflog;
+pub mod nfnl;
 pub mod nft;
 pub mod table_watch;
 pub mod watch;

@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use tokio::sync::mpsc;
 
 use super::compile::NFLOG_GROUP;
+use super::nfnl;
 
 const NFNL_SUBSYS_ULOG: u16 = 4;
 const NFULNL_MSG_PACKET: u16 = 0;
@@ -34,22 +35,6 @@ pub struct Denial {
     pub proto: String,
     /// Destination port (TCP, UDP, SCTP).
     pub port: Option<u16>,
-}
-
-fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if b.len() < 4 {
-            return None;
-        }
-        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
-        let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
-        if len < 4 || len > b.len() {
-            return None;
-        }
-        let value = &b[4..len];
-        b = &b[((len + 3) & !3).min(b.len())..];
-        Some((ty, value))
-    })
 }
 
 fn proto_name(p: u8) -> String {
@@ -89,58 +74,41 @@ pub fn flow(p: &[u8]) -> Option<(IpAddr, IpAddr, u8, Option<u16>)> {
 /// Pure: the denials in one datagram from nflog.
 pub fn denials(buf: &[u8]) -> Vec<Denial> {
     let mut out = Vec::new();
-    let mut off = 0;
-    while off + 20 <= buf.len() {
-        let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]]) as usize;
-        if len < 16 || off + len > buf.len() {
-            break;
+    for m in nfnl::messages(buf) {
+        if m.ty != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET || m.body.len() < 4 {
+            continue;
         }
-        let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-        if ty == (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET && len >= 20 {
-            let (mut chain, mut payload) = (None, None);
-            for (t, v) in attrs(&buf[off + 20..off + len]) {
-                match t {
-                    NFULA_PREFIX => {
-                        let v = v.split(|b| *b == 0).next().unwrap_or_default();
-                        chain = std::str::from_utf8(v).ok().map(str::to_string);
-                    }
-                    NFULA_PAYLOAD => payload = Some(v),
-                    _ => {}
+        let (mut chain, mut payload) = (None, None);
+        for (t, v) in nfnl::attrs(&m.body[4..]) {
+            match t {
+                NFULA_PREFIX => {
+                    let v = v.split(|b| *b == 0).next().unwrap_or_default();
+                    chain = std::str::from_utf8(v).ok().map(str::to_string);
                 }
-            }
-            if let (Some(chain), Some((src, dst, proto, port))) = (chain, payload.and_then(flow)) {
-                out.push(Denial {
-                    chain,
-                    src,
-                    dst,
-                    proto: proto_name(proto),
-                    port,
-                });
+                NFULA_PAYLOAD => payload = Some(v),
+                _ => {}
             }
         }
-        off += (len + 3) & !3;
+        if let (Some(chain), Some((src, dst, proto, port))) = (chain, payload.and_then(flow)) {
+            out.push(Denial {
+                chain,
+                src,
+                dst,
+                proto: proto_name(proto),
+                port,
+            });
+        }
     }
     out
 }
 
-/// One nflog config request for our group: an attribute after the nfgenmsg.
+/// One nflog config request for our group (nfgenmsg: AF_UNSPEC, version 0,
+/// res_id = the group, big endian), with one attribute.
 fn config(seq: u32, attr: u16, value: &[u8]) -> Vec<u8> {
-    let alen = 4 + value.len();
-    let len = 16 + 4 + ((alen + 3) & !3);
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG).to_ne_bytes());
-    m.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    // nfgenmsg: AF_UNSPEC, version 0, res_id = the group (big endian).
-    m.extend_from_slice(&[0, 0]);
-    m.extend_from_slice(&NFLOG_GROUP.to_be_bytes());
-    m.extend_from_slice(&(alen as u16).to_ne_bytes());
-    m.extend_from_slice(&attr.to_ne_bytes());
-    m.extend_from_slice(value);
-    m.resize(len, 0);
-    m
+    let g = NFLOG_GROUP.to_be_bytes();
+    let ty = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG;
+    let flags = libc::NLM_F_REQUEST | libc::NLM_F_ACK;
+    nfnl::request(ty, flags, seq, [0, 0, g[0], g[1]], &[(attr, value)])
 }
 
 /// The error code of a netlink ack (0: success), if `buf` starts with one.

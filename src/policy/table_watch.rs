@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::nfnl;
+
 /// nfnetlink's multicast group of nftables changes (NFNLGRP_NFTABLES).
 const NFNLGRP_NFTABLES: u32 = 7;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -40,64 +42,35 @@ pub enum Note {
 /// Pure: the notes in one datagram of nfnetlink messages.
 pub fn scan(buf: &[u8], table: &[u8], our_port: u32) -> Vec<Note> {
     let mut out = Vec::new();
-    let mut off = 0;
-    while off + 16 <= buf.len() {
-        let u32_at = |i: usize| u32::from_ne_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
-        let len = u32_at(off) as usize;
-        if len < 16 || off + len > buf.len() {
-            break;
+    for m in nfnl::messages(buf) {
+        if m.ty >> 8 != NFNL_SUBSYS_NFTABLES {
+            continue;
         }
-        let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
-        let seq = u32_at(off + 8);
-        let port = u32_at(off + 12);
-        let msg = &buf[off..off + len];
-        if ty >> 8 == NFNL_SUBSYS_NFTABLES {
-            if ty & 0xff == NFT_MSG_NEWGEN {
-                if let Some(gen) = gen_id(&msg[16..]) {
-                    if port == our_port && seq & 0xffff_0000 == SEQ_BASE {
-                        out.push(Note::Answer { seq, gen });
-                    } else {
-                        out.push(Note::Generation(gen));
-                    }
+        if m.ty & 0xff == NFT_MSG_NEWGEN {
+            if let Some(gen) = gen_id(m.body) {
+                if m.port == our_port && m.seq & 0xffff_0000 == SEQ_BASE {
+                    out.push(Note::Answer { seq: m.seq, gen });
+                } else {
+                    out.push(Note::Generation(gen));
                 }
-            } else if msg.windows(table.len()).any(|w| w == table) {
-                out.push(Note::Touched);
             }
+        } else if m.body.windows(table.len()).any(|w| w == table) {
+            out.push(Note::Touched);
         }
-        off += (len + 3) & !3;
     }
     out
 }
 
 /// NFTA_GEN_ID from a NEWGEN payload (nfgenmsg, then attributes).
 fn gen_id(payload: &[u8]) -> Option<u32> {
-    let mut off = 4;
-    while off + 4 <= payload.len() {
-        let len = u16::from_ne_bytes([payload[off], payload[off + 1]]) as usize;
-        let ty = u16::from_ne_bytes([payload[off + 2], payload[off + 3]]) & 0x3fff;
-        if len < 4 || off + len > payload.len() {
-            return None;
-        }
-        if ty == NFTA_GEN_ID && len >= 8 {
-            let v = &payload[off + 4..off + 8];
-            return Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
-        }
-        off += (len + 3) & !3;
-    }
-    None
+    let (_, v) = nfnl::attrs(payload.get(4..)?).find(|(t, v)| *t == NFTA_GEN_ID && v.len() >= 4)?;
+    Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]]))
 }
 
-/// A GETGEN request with sequence number `seq`.
+/// A GETGEN request with sequence number `seq` (nfgenmsg: AF_UNSPEC, version 0).
 pub fn getgen(seq: u32) -> Vec<u8> {
-    let mut m = Vec::with_capacity(20);
-    m.extend_from_slice(&20u32.to_ne_bytes());
-    m.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
-    m.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    // nfgenmsg: AF_UNSPEC, version 0, res_id 0.
-    m.extend_from_slice(&[0, 0, 0, 0]);
-    m
+    let ty = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN;
+    nfnl::request(ty, libc::NLM_F_REQUEST, seq, [0; 4], &[])
 }
 
 /// Generation `a` is after `b` (ids wrap).
