@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::bail;
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use ipnetwork::IpNetwork;
 use rand::seq::IndexedRandom;
 use tokio::sync::watch;
@@ -44,6 +44,25 @@ impl Own {
     }
 }
 
+/// The key, among `others` (name, create revision), that claims a subnet
+/// overlapping `name`'s and was created before revision `ours`: the one
+/// `name` must yield to.
+pub(super) fn yields_to(name: &str, ours: i64, others: &[(String, i64)]) -> Option<String> {
+    let (v4, v6) = parse_key_name(name)?;
+    let mine: Vec<IpNetwork> = v4.into_iter().chain(v6).collect();
+    others
+        .iter()
+        .filter(|(n, rev)| n != name && *rev < ours)
+        .find(|(n, _)| {
+            parse_key_name(n).is_some_and(|(a, b)| {
+                a.into_iter()
+                    .chain(b)
+                    .any(|t| mine.iter().any(|m| subnet::overlaps(&t, m)))
+            })
+        })
+        .map(|(n, _)| n.clone())
+}
+
 impl EtcdManager {
     /// Creates `key` only if absent, bound to a fresh lease. Ok(None) = someone holds it.
     pub(super) async fn create(&self, name: &str, value: &str) -> anyhow::Result<Option<i64>> {
@@ -60,12 +79,36 @@ impl EtcdManager {
                 0,
             )])
             .and_then(vec![TxnOp::put(
-                key,
+                key.clone(),
                 value,
                 Some(PutOptions::new().with_lease(lease)),
             )]);
         match c.txn(txn).await {
-            Ok(r) if r.succeeded() => Ok(Some(lease)),
+            Ok(r) if r.succeeded() => {
+                // Two nodes may pick the same subnet at once under different
+                // dual-stack keys (same IPv4, other IPv6): the key compare
+                // cannot see that, so the later creation yields.
+                let ours = r.header().map(|h| h.revision()).unwrap_or(0);
+                let all = c
+                    .get(self.subnets_prefix(), Some(GetOptions::new().with_prefix()))
+                    .await?;
+                let p = self.subnets_prefix();
+                let others: Vec<(String, i64)> = all
+                    .kvs()
+                    .iter()
+                    .filter_map(|kv| {
+                        let k = kv.key_str().ok()?.strip_prefix(&p)?.to_string();
+                        Some((k, kv.create_revision()))
+                    })
+                    .collect();
+                if let Some(first) = yields_to(name, ours, &others) {
+                    tracing::info!("{first} took an overlapping subnet first; giving {name} up");
+                    let _ = c.delete(key, None).await;
+                    let _ = c.lease_revoke(lease).await;
+                    return Ok(None);
+                }
+                Ok(Some(lease))
+            }
             r => {
                 // Not ours after all (or unknown): the granted lease must not linger.
                 let _ = c.lease_revoke(lease).await;

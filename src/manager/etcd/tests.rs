@@ -414,3 +414,36 @@ async fn publishing_after_our_etcd_lease_expired_takes_a_new_one() {
     let ttl = c.lease_time_to_live(lease, None).await.unwrap();
     assert!(ttl.ttl() > 0, "published on a dead lease");
 }
+
+#[test]
+fn a_later_key_naming_an_overlapping_subnet_yields() {
+    use super::lease::yields_to;
+    let ours = "10.244.43.0-24&fd00:10:244:c::-64";
+    let other = "10.244.43.0-24&fd00:10:244:5::-64".to_string();
+    // The other node created its key first: ours yields.
+    assert_eq!(
+        yields_to(ours, 20, &[(other.clone(), 19), (ours.into(), 20)]),
+        Some(other.clone())
+    );
+    // Ours was first: the other one yields, we keep ours.
+    assert_eq!(yields_to(ours, 20, &[(other.clone(), 21)]), None);
+    assert_eq!(
+        yields_to(&other, 21, &[(ours.into(), 20)]),
+        Some(ours.to_string())
+    );
+    // Same IPv6, other IPv4: also an overlap. Disjoint subnets are not.
+    let v6 = "10.244.44.0-24&fd00:10:244:c::-64".to_string();
+    assert_eq!(yields_to(ours, 20, &[(v6.clone(), 3)]), Some(v6));
+    let apart = "10.244.45.0-24&fd00:10:244:d::-64".to_string();
+    assert_eq!(yields_to(ours, 20, &[(apart, 3)]), None);
+    // IPv4 only keys, and a name that is no subnet.
+    assert_eq!(
+        yields_to(
+            "10.244.43.0-24",
+            9,
+            &[("10.244.43.0-24&fd00::-64".into(), 8)]
+        ),
+        Some("10.244.43.0-24&fd00::-64".into())
+    );
+    assert_eq!(yields_to("config", 9, &[(other, 1)]), None);
+}
