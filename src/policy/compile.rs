@@ -397,8 +397,7 @@ pub fn local_pods<'a>(cluster: &'a Cluster, node: &'a str) -> impl Iterator<Item
 /// The policies that select `pod`, those in `skip` left out.
 pub fn selecting<'a>(cluster: &'a Cluster, pod: &PodInfo, skip: &Skip) -> Vec<&'a Policy> {
     cluster
-        .policies
-        .values()
+        .policies_in(&pod.ns)
         .filter(|p| p.selects(pod) && !skip.policy(p))
         .collect()
 }

@@ -413,6 +413,8 @@ impl Cluster {
     /// The pods a pod peer picks: in the policy's namespace (no namespace
     /// selector) or in the namespaces the selector picks; by pod selector or all.
     /// HostNetwork pods are never picked (their address is the node's).
+    /// Only the picked namespaces' pods are looked at (the map is ordered by
+    /// namespace), so the cost grows with those pods, not with the cluster.
     pub fn select<'a>(&'a self, peer: &'a Peer) -> Box<dyn Iterator<Item = &'a PodInfo> + 'a> {
         let Peer::Pods {
             policy_ns,
@@ -422,25 +424,56 @@ impl Cluster {
         else {
             return Box::new(std::iter::empty());
         };
-        Box::new(self.pods.values().filter(move |p| {
-            !p.host_network
-                && match ns {
-                    None => p.ns == *policy_ns,
-                    Some(sel) => {
-                        let fallback;
-                        let labels = match self.namespaces.get(&p.ns) {
-                            Some(l) => l,
-                            None => {
-                                // A pod seen before its namespace: the name label at least.
-                                fallback = Labels::from([(NAME_LABEL.to_string(), p.ns.clone())]);
-                                &fallback
-                            }
-                        };
-                        sel.matches(labels)
-                    }
-                }
-                && pods.as_ref().is_none_or(|s| s.matches(&p.labels))
-        }))
+        let spaces: Vec<&'a str> = match ns {
+            None => vec![policy_ns.as_str()],
+            Some(sel) => self
+                .pod_namespaces()
+                .filter(|n| match self.namespaces.get(*n) {
+                    Some(l) => sel.matches(l),
+                    // A pod seen before its namespace: the name label at least.
+                    None => sel.matches(&Labels::from([(NAME_LABEL.to_string(), n.to_string())])),
+                })
+                .collect(),
+        };
+        Box::new(
+            spaces
+                .into_iter()
+                .flat_map(move |n| self.pods_in(n))
+                .filter(move |p| !p.host_network && pods.as_ref().is_none_or(|s| s.matches(&p.labels))),
+        )
+    }
+
+    /// The pods of namespace `ns`.
+    pub fn pods_in<'a>(&'a self, ns: &str) -> impl Iterator<Item = &'a PodInfo> + 'a {
+        self.pods
+            .range((ns.to_string(), String::new())..)
+            .take_while({
+                let ns = ns.to_string();
+                move |((n, _), _)| *n == ns
+            })
+            .map(|(_, p)| p)
+    }
+
+    /// The namespaces that have pods, each once (a skip over the ordered map:
+    /// one lookup per namespace).
+    pub fn pod_namespaces(&self) -> impl Iterator<Item = &str> + '_ {
+        let mut next = self.pods.keys().next();
+        std::iter::from_fn(move || {
+            let (ns, _) = next?;
+            // The smallest name after every key of `ns`.
+            let after = (format!("{ns}\0"), String::new());
+            next = self.pods.range(after..).next().map(|(k, _)| k);
+            Some(ns.as_str())
+        })
+    }
+
+    /// The policies of namespace `ns`.
+    pub fn policies_in<'a>(&'a self, ns: &str) -> impl Iterator<Item = &'a Policy> + 'a {
+        let ns = ns.to_string();
+        self.policies
+            .range((ns.clone(), String::new())..)
+            .take_while(move |((n, _), _)| *n == ns)
+            .map(|(_, p)| p)
     }
 }
 
