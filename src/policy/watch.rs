@@ -176,18 +176,15 @@ where
 {
     watch::follow(api, None, 60)
         .flat_map(move |item| {
-            let out: Vec<Result<Change, Failure>> = match item {
-                Item::Listed(v) => std::iter::once(Event::Init)
-                    .chain(v.into_iter().map(Event::InitApply))
-                    .chain(std::iter::once(Event::InitDone))
-                    .map(|e| Ok(wrap(e)))
-                    .collect(),
-                Item::Applied(o) => vec![Ok(wrap(Event::Apply(o)))],
-                Item::Deleted(o) => vec![Ok(wrap(Event::Delete(o)))],
-                Item::Watching => vec![],
-                Item::Failed(f) => vec![Err(f)],
-            };
-            futures::stream::iter(out)
+            futures::stream::iter(match item {
+                Item::Listing => Some(Ok(wrap(Event::Init))),
+                Item::Found(o) => Some(Ok(wrap(Event::InitApply(o)))),
+                Item::Listed => Some(Ok(wrap(Event::InitDone))),
+                Item::Applied(o) => Some(Ok(wrap(Event::Apply(o)))),
+                Item::Deleted(o) => Some(Ok(wrap(Event::Delete(o)))),
+                Item::Watching => None,
+                Item::Failed(f) => Some(Err(f)),
+            })
         })
         .boxed()
 }

@@ -34,6 +34,7 @@ const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(75);
 pub const USER_AGENT: &str = concat!("flanneld/", env!("CARGO_PKG_VERSION"), " (flannel-rs)");
 
 mod codec;
+mod list;
 pub mod watch;
 
 pub use codec::{assigned_public_ips, lease_from_node, names, pod_cidrs, NodeLite, NodeSpecLite};
@@ -180,15 +181,22 @@ impl KubeManager {
         let mut stream = std::pin::pin!(watch::follow(lite, Some(&fields), WATCH_TIMEOUT_S));
         let mut log = Throttle::new(format!("waiting for node {}", self.node_name));
         let mut told = false;
+        let mut found = false;
         while let Some(item) = stream.next().await {
             let n = match item {
-                Item::Listed(mut v) if !v.is_empty() => v.swap_remove(0),
-                Item::Applied(n) => n,
+                Item::Found(n) | Item::Applied(n) => {
+                    found = true;
+                    n
+                }
+                Item::Listing => {
+                    found = false;
+                    continue;
+                }
                 Item::Failed(f) => {
                     log.fail(&format_args!("{}; retrying in {:.1?}", f.why, f.delay));
                     continue;
                 }
-                Item::Listed(_) if !told => {
+                Item::Listed if !found && !told => {
                     tracing::info!(
                         "waiting for node {} to be registered and assigned a podCIDR",
                         self.node_name
@@ -230,6 +238,8 @@ impl KubeManager {
     ) {
         let mut stream = std::pin::pin!(stream);
         let mut broken = false;
+        // The list being read: (created, name, lease) of every other Node.
+        let mut listed: Vec<(String, String, PeerRead)> = Vec::new();
         let read = |n: &NodeLite| -> (String, PeerRead) {
             let name = n.metadata.name.clone().unwrap_or_default();
             let empty = BTreeMap::new();
@@ -241,23 +251,26 @@ impl KubeManager {
         };
         while let Some(item) = stream.next().await {
             let out = match item {
-                Item::Listed(nodes) => {
-                    // With their creation time: on a subnet conflict the older Node wins.
-                    let mut items: Vec<(String, String, PeerRead)> = nodes
-                        .iter()
-                        .map(|n| {
-                            let created = n
-                                .metadata
-                                .creation_timestamp
-                                .as_ref()
-                                .map(|t| t.0.to_string())
-                                .unwrap_or_default();
-                            let (name, lease) = read(n);
-                            (created, name, lease)
-                        })
-                        .filter(|(_, name, _)| *name != self.node_name)
-                        .collect();
-                    drop(nodes);
+                Item::Listing => {
+                    listed.clear();
+                    None
+                }
+                Item::Found(n) => {
+                    // With its creation time: on a subnet conflict the older Node wins.
+                    let created = n
+                        .metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .map(|t| t.0.to_string())
+                        .unwrap_or_default();
+                    let (name, lease) = read(&n);
+                    if name != self.node_name {
+                        listed.push((created, name, lease));
+                    }
+                    None
+                }
+                Item::Listed => {
+                    let mut items = std::mem::take(&mut listed);
                     items.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
                     self.store_up(log, &mut broken);
                     Some(LeaseEvent::Snapshot(

@@ -23,13 +23,20 @@ use kube::api::{Api, ListParams, WatchEvent, WatchParams};
 use kube::Resource;
 use serde::de::DeserializeOwned;
 
+use super::list::{self, Read};
 use crate::retry::{Backoff, Cause, Classify};
 
 /// What the stream yields.
 #[derive(Debug)]
 pub enum Item<K> {
-    /// A complete list: replaces everything known of this kind.
-    Listed(Vec<K>),
+    /// A list begins: the objects it [`Item::Found`], once [`Item::Listed`]
+    /// ends it, replace everything known of this kind. A failure before
+    /// that ends the list unfinished (a new one begins later).
+    Listing,
+    /// One object of the list being read (decoded as it arrives).
+    Found(K),
+    /// The list is complete.
+    Listed,
     Applied(K),
     Deleted(K),
     /// A watch (re)started: the API server is answering again.
@@ -54,6 +61,8 @@ struct Follow<K: Resource + Clone + DeserializeOwned + Debug + Send + 'static> {
     /// Resume point; None: list next.
     rv: Option<String>,
     stream: Option<BoxStream<'static, kube::Result<WatchEvent<K>>>>,
+    /// The list being read.
+    reading: Option<list::ListReader<K>>,
     backoff: Backoff,
     wait: Option<Duration>,
 }
@@ -76,6 +85,7 @@ where
         watch,
         rv: None,
         stream: None,
+        reading: None,
         backoff: Backoff::default(),
         wait: None,
     };
@@ -121,19 +131,22 @@ where
                 }
                 continue;
             }
+            if let Some(r) = self.reading.as_mut() {
+                return match r.next().await {
+                    Ok(Read::Item(k)) => Item::Found(k),
+                    Ok(Read::End(rv)) => self.listed(rv),
+                    Err(e) => {
+                        self.reading = None;
+                        self.failed(&e)
+                    }
+                };
+            }
             let Some(rv) = self.rv.clone() else {
-                return match self.api.list(&self.list).await {
-                    Ok(l) => match l.metadata.resource_version.filter(|v| !v.is_empty()) {
-                        Some(v) => {
-                            self.rv = Some(v);
-                            self.backoff.reset();
-                            Item::Listed(l.items)
-                        }
-                        None => self.failed_why(
-                            "the list carried no resourceVersion".into(),
-                            Cause::Unreachable,
-                        ),
-                    },
+                return match list::start(&self.api, &self.list).await {
+                    Ok(r) => {
+                        self.reading = Some(r);
+                        Item::Listing
+                    }
                     Err(e) => self.failed(&e),
                 };
             };
@@ -145,6 +158,32 @@ where
                 }
                 Err(e) => self.failed(&e),
             };
+        }
+    }
+
+    /// The list read to its end: the watch resumes from its resourceVersion.
+    fn listed(&mut self, rv: Option<String>) -> Item<K> {
+        let Some(r) = self.reading.take() else {
+            return Item::Listed;
+        };
+        if r.skipped > 0 {
+            tracing::warn!(
+                "{}: {} object(s) of the list did not decode and were left out (first: {})",
+                self.api.resource_url(),
+                r.skipped,
+                r.first_error.as_deref().unwrap_or_default()
+            );
+        }
+        match rv.filter(|v| !v.is_empty()) {
+            Some(v) => {
+                self.rv = Some(v);
+                self.backoff.reset();
+                Item::Listed
+            }
+            None => self.failed_why(
+                "the list carried no resourceVersion".into(),
+                Cause::Unreachable,
+            ),
         }
     }
 
