@@ -69,9 +69,13 @@ fn main() -> ExitCode {
     }
     init_logging(&flags);
     // Few allocator arenas: the agent is mostly one thread, and each arena keeps memory.
+    // A fixed mmap threshold: glibc otherwise raises it to the largest buffer
+    // freed so far (a list response, an nft script), after which such buffers
+    // come from the heap and their pages stay with the process.
     // SAFETY: mallopt only tunes glibc's allocator, before any other thread exists.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
     }
     // One thread: the agent waits on sockets; a single-threaded runtime is
     // smaller and cheaper at idle than a pool.

@@ -4,7 +4,8 @@
 //! (its policies' rules, inlined, so a named port resolves on that very pod),
 //! and the verdict maps that send a packet to its pod's chain. No I/O.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
 use super::model::{Cluster, Peer, PodInfo, Policy, PortRef, PortSpec, Rule};
@@ -132,6 +133,54 @@ struct Builder<'a> {
     out: Desired,
     /// Log denied attempts (nflog, rate-limited per chain).
     log: bool,
+    /// The chains of the last compile (taken from when reused) and this one's.
+    old: HashMap<String, Cached>,
+    new: HashMap<String, Cached>,
+    /// The sets the chain being built names.
+    needs: Vec<Need>,
+    /// Set contents of the last compile and this one's (see [`Memo`]).
+    old_sets: HashMap<String, (u64, [BTreeSet<String>; 2])>,
+    new_sets: HashMap<String, (u64, [BTreeSet<String>; 2])>,
+}
+
+/// A set a chain's rules name (filled anew on every compile: its members
+/// are other pods).
+#[derive(Debug, Clone)]
+enum Need {
+    Peer(Peer),
+    Named(Option<Peer>, PortSpec, String),
+}
+
+/// One pod chain as compiled: reused as long as its inputs are the same.
+#[derive(Debug, Clone)]
+struct Cached {
+    /// The hash of what it was built from (the pod, its policies, the log flag).
+    print: u64,
+    rules: Vec<String>,
+    owner: Owner,
+    needs: Vec<Need>,
+}
+
+/// The pod chains and sets of the last compile. A change to one pod or one
+/// policy then rebuilds the chains of the pods it concerns only (a chain's
+/// rules are a function of its pod and that pod's policies alone), and
+/// refills only the sets whose members come from a namespace whose pods
+/// changed (see [`Cluster::pods_print`]); the rest are taken as they were.
+#[derive(Debug, Default)]
+pub struct Memo {
+    chains: HashMap<String, Cached>,
+    sets: HashMap<String, (u64, [BTreeSet<String>; 2])>,
+}
+
+impl Memo {
+    /// Chains held.
+    pub fn len(&self) -> usize {
+        self.chains.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty()
+    }
 }
 
 /// The nflog group denied attempts are sent to (`--policy-log-denied`).
@@ -140,50 +189,45 @@ pub const NFLOG_GROUP: u16 = 2045;
 impl Builder<'_> {
     /// The two sets (IPv4, IPv6) of the addresses a pod peer picks; their names.
     fn peer_sets(&mut self, peer: &Peer) -> [String; 2] {
+        self.needs.push(Need::Peer(peer.clone()));
         let id = short_id(peer);
         let names = [format!("p4-{id}"), format!("p6-{id}")];
-        if !self.out.sets.contains_key(&names[0]) {
-            let mut v4 = BTreeSet::new();
-            let mut v6 = BTreeSet::new();
-            for p in self.cluster.select(peer) {
+        if self.out.sets.contains_key(&names[0]) {
+            return names;
+        }
+        let spaces = self.cluster.peer_namespaces(peer);
+        self.fill(&names, ["ipv4_addr", "ipv6_addr"], &spaces, |c, v4, v6| {
+            for p in c.select(peer) {
                 for ip in &p.ips {
-                    if ip.is_ipv4() { &mut v4 } else { &mut v6 }.insert(ip.to_string());
+                    if ip.is_ipv4() { &mut *v4 } else { &mut *v6 }.insert(ip.to_string());
                 }
             }
-            self.out.sets.insert(
-                names[0].clone(),
-                Set {
-                    kind: "ipv4_addr",
-                    elems: v4,
-                },
-            );
-            self.out.sets.insert(
-                names[1].clone(),
-                Set {
-                    kind: "ipv6_addr",
-                    elems: v6,
-                },
-            );
-        }
+        });
         names
     }
 
     /// Sets of (address . protocol . port) for a named port on the pods `peer`
     /// picks (None: every pod) — egress, where the name resolves per destination.
     fn named_sets(&mut self, peer: Option<&Peer>, spec: &PortSpec, name: &str) -> [String; 2] {
+        self.needs
+            .push(Need::Named(peer.cloned(), spec.clone(), name.to_string()));
         let id = short_id(&(peer, spec));
         let names = [format!("n4-{id}"), format!("n6-{id}")];
-        if !self.out.sets.contains_key(&names[0]) {
-            let mut v4 = BTreeSet::new();
-            let mut v6 = BTreeSet::new();
-            let pods: Vec<&PodInfo> = match peer {
-                Some(p) => self.cluster.select(p).collect(),
-                None => self
-                    .cluster
-                    .pods
-                    .values()
-                    .filter(|p| !p.host_network)
-                    .collect(),
+        if self.out.sets.contains_key(&names[0]) {
+            return names;
+        }
+        let spaces: Vec<&str> = match peer {
+            Some(p) => self.cluster.peer_namespaces(p),
+            None => self.cluster.pod_namespaces().collect(),
+        };
+        let kinds = [
+            "ipv4_addr . inet_proto . inet_service",
+            "ipv6_addr . inet_proto . inet_service",
+        ];
+        self.fill(&names, kinds, &spaces, |c, v4, v6| {
+            let pods: Box<dyn Iterator<Item = &PodInfo>> = match peer {
+                Some(p) => c.select(p),
+                None => Box::new(c.pods.values().filter(|p| !p.host_network)),
             };
             for p in pods {
                 let Some(port) = p.named_port(name, spec.proto) else {
@@ -191,27 +235,47 @@ impl Builder<'_> {
                 };
                 for ip in &p.ips {
                     let e = format!("{ip} . {} . {port}", spec.proto.nft());
-                    if ip.is_ipv4() { &mut v4 } else { &mut v6 }.insert(e);
+                    if ip.is_ipv4() { &mut *v4 } else { &mut *v6 }.insert(e);
                 }
             }
-            let k4 = "ipv4_addr . inet_proto . inet_service";
-            let k6 = "ipv6_addr . inet_proto . inet_service";
+        });
+        names
+    }
+
+    /// Puts the sets `names` into the output once per compile: as the last
+    /// compile filled them if the pods of `spaces` (the namespaces their
+    /// members come from) did not change since, else filled by `fill`.
+    fn fill(
+        &mut self,
+        names: &[String; 2],
+        kinds: [&'static str; 2],
+        spaces: &[&str],
+        fill: impl FnOnce(&Cluster, &mut BTreeSet<String>, &mut BTreeSet<String>),
+    ) {
+        let print = {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (spaces, self.cluster.pods_print(spaces)).hash(&mut h);
+            h.finish()
+        };
+        let [v4, v6] = match self.old_sets.remove(&names[0]) {
+            Some((p, sets)) if p == print => sets,
+            _ => {
+                let (mut v4, mut v6) = (BTreeSet::new(), BTreeSet::new());
+                fill(self.cluster, &mut v4, &mut v6);
+                [v4, v6]
+            }
+        };
+        for (i, name) in names.iter().enumerate() {
+            let elems = if i == 0 { &v4 } else { &v6 };
             self.out.sets.insert(
-                names[0].clone(),
+                name.clone(),
                 Set {
-                    kind: k4,
-                    elems: v4,
-                },
-            );
-            self.out.sets.insert(
-                names[1].clone(),
-                Set {
-                    kind: k6,
-                    elems: v6,
+                    kind: kinds[i],
+                    elems: elems.clone(),
                 },
             );
         }
-        names
+        self.new_sets.insert(names[0].clone(), (print, [v4, v6]));
     }
 
     /// The peer conditions of a rule (an empty list: none can match).
@@ -310,6 +374,48 @@ impl Builder<'_> {
             Dir::Egress => ("eg", ["eg4", "eg6"]),
         };
         let chain = format!("{prefix}-{}", short_id(&(&pod.ns, &pod.name)));
+        let print = {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (dir == Dir::Ingress, pod, policies, self.log).hash(&mut h);
+            h.finish()
+        };
+        let built = match self.old.remove(&chain) {
+            Some(c) if c.print == print => {
+                // The same inputs: the same rules; its sets are filled anew.
+                for n in &c.needs {
+                    match n {
+                        Need::Peer(p) => drop(self.peer_sets(p)),
+                        Need::Named(p, spec, name) => drop(self.named_sets(p.as_ref(), spec, name)),
+                    }
+                }
+                self.needs.clear();
+                c
+            }
+            _ => self.build_chain(dir, &chain, pod, policies, print),
+        };
+        self.out.owners.insert(chain.clone(), built.owner.clone());
+        self.out.chains.insert(chain.clone(), built.rules.clone());
+        for ip in &pod.ips {
+            let m = maps[usize::from(ip.is_ipv6())];
+            self.out
+                .maps
+                .entry(m)
+                .or_default()
+                .insert(ip.to_string(), chain.clone());
+        }
+        self.new.insert(chain, built);
+    }
+
+    /// `pod`'s chain for `dir` under `policies`, from scratch.
+    fn build_chain(
+        &mut self,
+        dir: Dir,
+        chain: &str,
+        pod: &PodInfo,
+        policies: &[&Policy],
+        print: u64,
+    ) -> Cached {
+        self.needs.clear();
         let mut rules = Vec::new();
         for p in policies {
             let list = match dir {
@@ -335,23 +441,16 @@ impl Builder<'_> {
             "counter drop comment \"{}\"",
             comment(&format!("{}/{} {what}", pod.ns, pod.name))
         ));
-        self.out.owners.insert(
-            chain.clone(),
-            Owner {
+        Cached {
+            print,
+            rules,
+            owner: Owner {
                 ns: pod.ns.clone(),
                 pod: pod.name.clone(),
                 direction: what,
                 policies: policies.iter().map(|p| p.name.clone()).collect(),
             },
-        );
-        self.out.chains.insert(chain.clone(), rules);
-        for ip in &pod.ips {
-            let m = maps[usize::from(ip.is_ipv6())];
-            self.out
-                .maps
-                .entry(m)
-                .or_default()
-                .insert(ip.to_string(), chain.clone());
+            needs: std::mem::take(&mut self.needs),
         }
     }
 }
@@ -379,6 +478,11 @@ fn with_maps(cluster: &Cluster, log: bool) -> Builder<'_> {
         cluster,
         out: Desired::default(),
         log,
+        old: HashMap::new(),
+        new: HashMap::new(),
+        needs: Vec::new(),
+        old_sets: HashMap::new(),
+        new_sets: HashMap::new(),
     };
     for (m, _) in MAPS {
         b.out.maps.insert(m, BTreeMap::new());
@@ -391,7 +495,7 @@ pub fn local_pods<'a>(cluster: &'a Cluster, node: &'a str) -> impl Iterator<Item
     cluster
         .pods
         .values()
-        .filter(move |p| p.node == node && !p.host_network && !p.ips.is_empty())
+        .filter(move |p| &*p.node == node && !p.host_network && !p.ips.is_empty())
 }
 
 /// The policies that select `pod`, those in `skip` left out.
@@ -432,11 +536,27 @@ pub fn compile(cluster: &Cluster, node: &str) -> Desired {
 /// The desired state for the pods on `node`, without the pods and policies
 /// in `skip`; `log`: denied attempts are logged (nflog).
 pub fn compile_skipping(cluster: &Cluster, node: &str, skip: &Skip, log: bool) -> Desired {
+    compile_with(cluster, node, skip, log, &mut Memo::default())
+}
+
+/// [`compile_skipping`], reusing the chains of the last compile in `memo`
+/// whose pod and policies did not change (and keeping this one's there).
+pub fn compile_with(
+    cluster: &Cluster,
+    node: &str,
+    skip: &Skip,
+    log: bool,
+    memo: &mut Memo,
+) -> Desired {
     let mut b = with_maps(cluster, log);
+    b.old = std::mem::take(&mut memo.chains);
+    b.old_sets = std::mem::take(&mut memo.sets);
     for pod in local_pods(cluster, node).filter(|p| !skip.pod(p)) {
         let policies = selecting(cluster, pod, skip);
         b.pod(pod, &policies);
     }
+    memo.chains = b.new;
+    memo.sets = b.new_sets;
     b.out
 }
 

@@ -16,7 +16,10 @@ use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, Network
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-pub type Labels = BTreeMap<String, String>;
+pub use super::labels::{Interner, Labels, Sym};
+
+/// A selector's `matchLabels`.
+pub type MatchLabels = BTreeMap<String, String>;
 
 /// The label every namespace carries since 1.21; older API servers lack it, so
 /// it is added here and selectors on it match everywhere.
@@ -54,11 +57,11 @@ pub struct NamedPort {
     pub proto: Proto,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PodInfo {
     pub ns: String,
     pub name: String,
-    pub node: String,
+    pub node: Sym,
     pub ips: Vec<IpAddr>,
     pub labels: Labels,
     pub host_network: bool,
@@ -70,7 +73,7 @@ impl PodInfo {
     /// address of its own. A terminating pod (deletionTimestamp set) still
     /// runs through its grace period: it stays protected as a target and
     /// allowed as a peer until it is gone or Succeeded/Failed.
-    pub fn from_api(p: &PodLite) -> Option<PodInfo> {
+    pub fn from_api(p: &PodLite, texts: &mut Interner) -> Option<PodInfo> {
         let meta = &p.metadata;
         let spec = p.spec.as_ref()?;
         let status = p.status.as_ref();
@@ -104,9 +107,13 @@ impl PodInfo {
         Some(PodInfo {
             ns: meta.namespace.clone()?,
             name: meta.name.clone()?,
-            node: spec.node_name.clone().unwrap_or_default(),
+            node: texts.get(spec.node_name.as_deref().unwrap_or_default()),
             ips,
-            labels: meta.labels.clone().unwrap_or_default(),
+            labels: meta
+                .labels
+                .as_ref()
+                .map(|l| Labels::interned(l, texts))
+                .unwrap_or_default(),
             host_network: spec.host_network.unwrap_or(false),
             ports,
         })
@@ -128,7 +135,7 @@ pub fn namespace_labels(ns: &Namespace) -> Option<(String, Labels)> {
     labels
         .entry(NAME_LABEL.into())
         .or_insert_with(|| name.clone());
-    Some((name, labels))
+    Some((name, labels.into_iter().collect()))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -149,7 +156,7 @@ pub struct Expr {
 /// A label selector; the empty one selects everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Selector {
-    pub labels: Labels,
+    pub labels: MatchLabels,
     pub exprs: Vec<Expr>,
 }
 
@@ -185,7 +192,9 @@ impl Selector {
     }
 
     pub fn matches(&self, labels: &Labels) -> bool {
-        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+        self.labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v.as_str()))
             && self.exprs.iter().all(|e| {
                 let v = labels.get(&e.key);
                 match e.op {
@@ -201,7 +210,8 @@ impl Selector {
 /// Who a rule lets in (ingress `from`) or out to (egress `to`).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Peer {
-    /// Pods: `ns` None = the policy's own namespace; a selector None = all.
+    /// Pods: `ns` None = the policy's own namespace (`policy_ns`, empty
+    /// when `ns` is set); a selector None = all.
     Pods {
         policy_ns: String,
         ns: Option<Selector>,
@@ -233,7 +243,7 @@ pub struct Rule {
     pub ports: Vec<PortSpec>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Policy {
     pub ns: String,
     pub name: String,
@@ -269,7 +279,14 @@ fn peer(policy_ns: &str, p: &NetworkPolicyPeer) -> Result<Peer, String> {
         return Err("a peer with neither selector nor ipBlock".into());
     }
     Ok(Peer::Pods {
-        policy_ns: policy_ns.to_string(),
+        // Only a peer without a namespace selector is confined to the
+        // policy's namespace; with one, the same selectors pick the same pods
+        // from any policy, and share one set.
+        policy_ns: if p.namespace_selector.is_some() {
+            String::new()
+        } else {
+            policy_ns.to_string()
+        },
         ns: p
             .namespace_selector
             .as_ref()
@@ -407,40 +424,90 @@ pub struct Cluster {
     pub namespaces: BTreeMap<String, Labels>,
     /// (namespace, name) → policy.
     pub policies: BTreeMap<(String, String), Policy>,
+    /// Revisions of the pods: per namespace (bumped by [`Cluster::put_pod`]
+    /// and [`Cluster::remove_pod`]) and of the whole map (bumped by
+    /// [`Cluster::set_pods`]). What was computed from a namespace's pods
+    /// holds while its revision does.
+    pub pod_revs: BTreeMap<String, u64>,
+    pub pods_epoch: u64,
 }
 
 impl Cluster {
+    /// Adds or replaces a pod; false if it was there as it is.
+    pub fn put_pod(&mut self, key: (String, String), pod: PodInfo) -> bool {
+        if self.pods.get(&key) == Some(&pod) {
+            return false;
+        }
+        *self.pod_revs.entry(key.0.clone()).or_default() += 1;
+        self.pods.insert(key, pod);
+        true
+    }
+
+    /// Removes a pod; false if it was not there.
+    pub fn remove_pod(&mut self, key: &(String, String)) -> bool {
+        if self.pods.remove(key).is_none() {
+            return false;
+        }
+        *self.pod_revs.entry(key.0.clone()).or_default() += 1;
+        true
+    }
+
+    /// Replaces every pod (a fresh list).
+    pub fn set_pods(&mut self, pods: BTreeMap<(String, String), PodInfo>) {
+        self.pods = pods;
+        self.pods_epoch += 1;
+        self.pod_revs.clear();
+    }
+
+    /// A fingerprint of the pods of `spaces`: equal while none of them changed.
+    pub fn pods_print(&self, spaces: &[&str]) -> (u64, Vec<u64>) {
+        let revs = spaces
+            .iter()
+            .map(|n| self.pod_revs.get(*n).copied().unwrap_or(0))
+            .collect();
+        (self.pods_epoch, revs)
+    }
+
     /// The pods a pod peer picks: in the policy's namespace (no namespace
     /// selector) or in the namespaces the selector picks; by pod selector or all.
     /// HostNetwork pods are never picked (their address is the node's).
     /// Only the picked namespaces' pods are looked at (the map is ordered by
     /// namespace), so the cost grows with those pods, not with the cluster.
     pub fn select<'a>(&'a self, peer: &'a Peer) -> Box<dyn Iterator<Item = &'a PodInfo> + 'a> {
-        let Peer::Pods {
-            policy_ns,
-            ns,
-            pods,
-        } = peer
-        else {
+        let Peer::Pods { pods, .. } = peer else {
             return Box::new(std::iter::empty());
         };
-        let spaces: Vec<&'a str> = match ns {
-            None => vec![policy_ns.as_str()],
-            Some(sel) => self
+        Box::new(
+            self.peer_namespaces(peer)
+                .into_iter()
+                .flat_map(move |n| self.pods_in(n))
+                .filter(move |p| {
+                    !p.host_network && pods.as_ref().is_none_or(|s| s.matches(&p.labels))
+                }),
+        )
+    }
+
+    /// The namespaces whose pods a pod peer can pick.
+    pub fn peer_namespaces<'a>(&'a self, peer: &'a Peer) -> Vec<&'a str> {
+        match peer {
+            Peer::Pods {
+                policy_ns,
+                ns: None,
+                ..
+            } => vec![policy_ns.as_str()],
+            Peer::Pods { ns: Some(sel), .. } => self
                 .pod_namespaces()
                 .filter(|n| match self.namespaces.get(*n) {
                     Some(l) => sel.matches(l),
                     // A pod seen before its namespace: the name label at least.
-                    None => sel.matches(&Labels::from([(NAME_LABEL.to_string(), n.to_string())])),
+                    None => sel.matches(&Labels::from_iter([(
+                        NAME_LABEL.to_string(),
+                        n.to_string(),
+                    )])),
                 })
                 .collect(),
-        };
-        Box::new(
-            spaces
-                .into_iter()
-                .flat_map(move |n| self.pods_in(n))
-                .filter(move |p| !p.host_network && pods.as_ref().is_none_or(|s| s.matches(&p.labels))),
-        )
+            Peer::Block { .. } => vec![],
+        }
     }
 
     /// The pods of namespace `ns`.

@@ -107,12 +107,37 @@ impl TableWatch {
     }
 }
 
+/// The receive buffer a large transaction's notifications fit in: forced past
+/// `net.core.rmem_max` (the agent has CAP_NET_ADMIN), else as large as allowed.
+const RCVBUF: libc::c_int = 16 << 20;
+
+fn roomy(s: &mut netlink_sys::Socket) {
+    use std::os::fd::AsRawFd;
+    let size = RCVBUF;
+    // SAFETY: setsockopt on our own socket with a c_int value.
+    let forced = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        let _ = s.set_rx_buf_sz(RCVBUF as usize);
+    }
+}
+
 /// Starts the watcher: every transaction touching `table` wakes `wake`.
 pub fn start(table: &str, wake: Arc<Notify>) -> std::io::Result<TableWatch> {
     use netlink_sys::{
         protocols::NETLINK_NETFILTER, AsyncSocket, AsyncSocketExt, SocketAddr, TokioSocket,
     };
     let mut sock = TokioSocket::new(NETLINK_NETFILTER)?;
+    // Writing a table of 15,000 objects queues as many notifications at once;
+    // room for them keeps the generations (and so our own writes) known.
+    roomy(sock.socket_mut());
     let port = sock.socket_mut().bind_auto()?.port_number();
     sock.socket_mut().add_membership(NFNLGRP_NFTABLES)?;
     let name = format!("{table}\0").into_bytes();

@@ -378,14 +378,15 @@ fn a_terminating_pod_keeps_its_policy_until_it_is_gone() {
         "status": {"phase": "Running", "podIP": "10.244.0.5"}
     }))
     .unwrap();
-    let p = PodInfo::from_api(&api).expect("a terminating pod still takes part");
+    let p = PodInfo::from_api(&api, &mut Interner::default())
+        .expect("a terminating pod still takes part");
     assert_eq!(
         p.ips,
         vec!["10.244.0.5".parse::<std::net::IpAddr>().unwrap()]
     );
     let mut done = api.clone();
     done.status.as_mut().unwrap().phase = Some("Succeeded".into());
-    assert_eq!(PodInfo::from_api(&done), None);
+    assert_eq!(PodInfo::from_api(&done, &mut Interner::default()), None);
 }
 
 #[test]
@@ -539,9 +540,9 @@ fn a_full_pod_decodes_to_what_policy_reads_and_nothing_else() {
     let lite: super::lite::PodLite = serde_json::from_value(json).unwrap();
     assert_eq!(lite.metadata.resource_version.as_deref(), Some("42"));
     assert!(lite.metadata.annotations.is_none() && lite.metadata.managed_fields.is_none());
-    let p = PodInfo::from_api(&lite).unwrap();
+    let p = PodInfo::from_api(&lite, &mut Interner::default()).unwrap();
     assert_eq!(
-        (p.ns.as_str(), p.name.as_str(), p.node.as_str()),
+        (p.ns.as_str(), p.name.as_str(), &*p.node),
         ("shop", "web-0", "node1")
     );
     assert_eq!(p.labels, labels(&[("app", "web"), ("tier", "front")]));
@@ -557,4 +558,99 @@ fn a_full_pod_decodes_to_what_policy_reads_and_nothing_else() {
     assert_eq!(p.named_port("assoc", Proto::Tcp), None);
     assert_eq!(p.ports.len(), 2, "an unnamed port is no named port");
     assert!(!p.host_network);
+}
+
+/// The memo (chains and sets kept between compiles) never changes the
+/// result: after every kind of change, compiling with it gives what a
+/// compile from nothing gives. Deterministic pseudo-random changes.
+#[test]
+fn compiling_with_the_memo_equals_compiling_from_scratch() {
+    use super::compile::{compile_skipping, compile_with, Memo, Skip};
+    let spec = |m: usize| {
+        serde_json::json!({
+            "podSelector": {"matchLabels": {"app": (m % 3).to_string()}},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": {"tier": (m % 2).to_string()}}}], "ports": [{"port": "http"}]},
+                {"from": [{"namespaceSelector": {"matchLabels": {"team": (m % 2).to_string()}},
+                           "podSelector": {"matchLabels": {"app": ((m + 1) % 3).to_string()}}}]},
+            ],
+            "egress": [{"to": [{"namespaceSelector": {}}], "ports": [{"port": "http"}]},
+                       {"to": [{"podSelector": {"matchLabels": {"app": (m % 3).to_string()}}}]}],
+        })
+    };
+    let mk = |k: usize, app: usize, tier: usize| {
+        let ns = format!("ns{}", k % 4);
+        let node = if k % 3 == 0 { "n1" } else { "n2" };
+        let ip = format!("10.244.{}.{}", k / 200, k % 200 + 1);
+        let mut p = pod(&ns, &format!("p{k}"), node, &ip, &[]);
+        p.labels = labels(&[("app", &app.to_string()), ("tier", &tier.to_string())]);
+        p.ports = vec![NamedPort {
+            name: "http".into(),
+            port: 8000 + (k % 3) as u16,
+            proto: Proto::Tcp,
+        }];
+        p
+    };
+    let mut c = cluster(
+        (0..60).map(|k| mk(k, k % 3, k % 2)).collect(),
+        (0..6)
+            .map(|m| policy(&format!("ns{}", m % 4), &format!("np{m}"), spec(m)))
+            .collect(),
+    );
+    for n in 0..4 {
+        c.namespaces.insert(
+            format!("ns{n}"),
+            labels(&[
+                (NAME_LABEL, &format!("ns{n}")),
+                ("team", &(n % 2).to_string()),
+            ]),
+        );
+    }
+    let mut memo = Memo::default();
+    let mut rng: u64 = 7;
+    let mut next = move |m: u64| {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (rng >> 33) % m
+    };
+    for step in 0..300 {
+        let k = next(80) as usize;
+        match next(6) {
+            0 | 1 => {
+                let p = mk(k, next(3) as usize, next(2) as usize);
+                c.put_pod((p.ns.clone(), p.name.clone()), p);
+            }
+            2 => {
+                c.remove_pod(&(format!("ns{}", k % 4), format!("p{k}")));
+            }
+            3 => {
+                let n = format!("ns{}", next(4));
+                c.namespaces.insert(
+                    n.clone(),
+                    labels(&[(NAME_LABEL, &n), ("team", &next(3).to_string())]),
+                );
+            }
+            4 => {
+                let m = next(8) as usize;
+                let p = policy(&format!("ns{}", m % 4), &format!("np{m}"), spec(m + step));
+                c.policies.insert((p.ns.clone(), p.name.clone()), p);
+            }
+            _ => {
+                let m = next(8) as usize;
+                c.policies
+                    .remove(&(format!("ns{}", m % 4), format!("np{m}")));
+            }
+        }
+        let fresh = compile_skipping(&c, "n1", &Skip::default(), false);
+        let kept = compile_with(&c, "n1", &Skip::default(), false, &mut memo);
+        assert_eq!(kept, fresh, "after step {step}");
+        if step == 299 {
+            assert!(
+                !memo.is_empty() && fresh.objects() > 50,
+                "the case compiles to something"
+            );
+        }
+    }
 }

@@ -40,6 +40,8 @@ pub struct State {
     listed: [bool; 3],
     /// Policies refused, with the reason last logged.
     pub refused: HashMap<Key, String>,
+    /// The texts of pods' labels and node names, shared.
+    texts: model::Interner,
 }
 
 impl State {
@@ -69,13 +71,14 @@ impl State {
                     if let (Some(next), Some(k), Some(info)) = (
                         self.next_pods.as_mut(),
                         key(&p.metadata),
-                        PodInfo::from_api(&p),
+                        PodInfo::from_api(&p, &mut self.texts),
                     ) {
                         next.insert(k, info);
                     }
                 }
                 Event::InitDone => {
-                    self.cluster.pods = self.next_pods.take().unwrap_or_default();
+                    self.cluster
+                        .set_pods(self.next_pods.take().unwrap_or_default());
                     self.listed[0] = true;
                     return true;
                 }
@@ -83,16 +86,13 @@ impl State {
                     let Some(k) = key(&p.metadata) else {
                         return false;
                     };
-                    match PodInfo::from_api(&p) {
-                        Some(info) if self.cluster.pods.get(&k) == Some(&info) => return false,
-                        Some(info) => self.cluster.pods.insert(k, info),
-                        None => self.cluster.pods.remove(&k),
+                    return match PodInfo::from_api(&p, &mut self.texts) {
+                        Some(info) => self.cluster.put_pod(k, info),
+                        None => self.cluster.remove_pod(&k),
                     };
-                    return true;
                 }
                 Event::Delete(p) => {
-                    return key(&p.metadata)
-                        .is_some_and(|k| self.cluster.pods.remove(&k).is_some());
+                    return key(&p.metadata).is_some_and(|k| self.cluster.remove_pod(&k));
                 }
             },
             Change::Namespace(e) => match e {
