@@ -12,6 +12,12 @@
 //!       write to the kernel's first nftables notification about the policy table
 //!       in the node (the kernel holding it). Prints one line per kind.
 //!
+//!   policy_bench compile <pods> <policies> <rounds>
+//!       no API server, no kernel: the same objects folded into the agent's
+//!       model in memory, then the time to compile this node's table from
+//!       scratch and after each kind of change (what every change costs the
+//!       agent before nft is run). Prints figures; asserts nothing.
+//!
 //! Addresses are 10.200.0.0/16 (pod k: 10.200.k/250.k%250+1); nothing is contacted.
 
 use std::time::{Duration, Instant};
@@ -276,6 +282,116 @@ async fn main() -> anyhow::Result<()> {
     match a.get(1).map(String::as_str) {
         Some("populate") if a.len() == 5 => populate(client(&a[2]).await?, a[3].parse()?, a[4].parse()?).await,
         Some("changes") if a.len() == 5 => changes(client(&a[2]).await?, a[3].parse()?, &a[4]).await,
-        _ => anyhow::bail!("usage: policy_bench populate <kubeconfig> <pods> <policies> | changes <kubeconfig> <rounds> <netns path>"),
+        Some("compile") if a.len() == 5 => {
+            compile(a[2].parse()?, a[3].parse()?, a[4].parse()?);
+            Ok(())
+        }
+        _ => anyhow::bail!("usage: policy_bench populate <kubeconfig> <pods> <policies> | changes <kubeconfig> <rounds> <netns path> | compile <pods> <policies> <rounds>"),
     }
+}
+
+/// The bench's objects as the agent's model holds them, without an API server.
+fn model(pods: usize, policies: usize) -> flannel::policy::watch::State {
+    use flannel::policy::watch::{Change, State};
+    use kube::runtime::watcher::Event;
+    let mut st = State::default();
+    for e in [Event::Init, Event::InitDone] {
+        st.take(Change::Policy(e));
+    }
+    st.take(Change::Namespace(Event::Init));
+    for i in 0..NAMESPACES {
+        let ns: Namespace = serde_json::from_value(
+            json!({"metadata": {"name": format!("bench-{i}"), "labels": {"team": (i % 5).to_string()}}}),
+        )
+        .expect("namespace");
+        st.take(Change::Namespace(Event::InitApply(ns)));
+    }
+    st.take(Change::Namespace(Event::InitDone));
+    st.take(Change::Pod(Event::Init));
+    for k in 0..pods {
+        st.take(Change::Pod(Event::InitApply(lite_pod(
+            k,
+            k / NAMESPACES,
+            (k / NAMESPACES) % 3,
+        ))));
+    }
+    st.take(Change::Pod(Event::InitDone));
+    for m in 0..policies {
+        let np: NetworkPolicy =
+            serde_json::from_value(policy_json(m % NAMESPACES, m / NAMESPACES)).expect("policy");
+        st.take(Change::Policy(Event::Apply(np)));
+    }
+    st
+}
+
+fn lite_pod(k: usize, j: usize, tier: usize) -> flannel::policy::lite::PodLite {
+    let mut v = pod_json(k, k % NAMESPACES, j, tier);
+    v["status"] = json!({"phase": "Running", "podIP": pod_ip(k), "podIPs": [{"ip": pod_ip(k)}]});
+    serde_json::from_value(v).expect("pod")
+}
+
+fn compile(pods: usize, policies: usize, rounds: usize) {
+    use flannel::policy::compile::{compile_skipping, compile_with, Memo, Skip};
+    use flannel::policy::watch::Change;
+    use kube::runtime::watcher::Event;
+    let t = Instant::now();
+    let mut st = model(pods, policies);
+    println!("policy compile bench: PODS={pods} POLICIES={policies} (in memory)");
+    println!("  model built in {:?}, RSS {} MB", t.elapsed(), rss_mb());
+    // As the agent does: the chains of the last compile are reused.
+    let mut memo = Memo::default();
+    let mut run = |st: &flannel::policy::watch::State| {
+        let t = Instant::now();
+        let d = compile_with(&st.cluster, "node1", &Skip::default(), false, &mut memo);
+        (t.elapsed().as_secs_f64() * 1e3, d.objects())
+    };
+    let (ms, objects) = run(&st);
+    println!("  first compile: {ms:.1} ms, {objects} nft objects");
+    if let Ok(path) = std::env::var("DUMP") {
+        // The whole table as nft -f input (to time nft itself on it).
+        let d = compile_skipping(&st.cluster, "node1", &Skip::default(), false);
+        let _ = std::fs::write(path, flannel::policy::nft::full(&d));
+    }
+    let mut relabel = Vec::new();
+    let mut added = Vec::new();
+    let mut policy = Vec::new();
+    for r in 0..rounds {
+        // A peer pod changes tier (out of one peer set, into another).
+        let k = 1 + 7 * r;
+        st.take(Change::Pod(Event::Apply(lite_pod(
+            k,
+            k / NAMESPACES,
+            (k / NAMESPACES + 1 + r) % 3,
+        ))));
+        relabel.push(run(&st).0);
+        let k = 1_000_000 + r;
+        st.take(Change::Pod(Event::Apply(lite_pod(k, r, r % 3))));
+        added.push(run(&st).0);
+        let mut np = policy_json(r % NAMESPACES, 0);
+        np["spec"]["ingress"][0]["ports"] = json!([{"port": 9000 + r}]);
+        st.take(Change::Policy(Event::Apply(
+            serde_json::from_value(np).expect("policy"),
+        )));
+        policy.push(run(&st).0);
+    }
+    println!("  RSS after the changes: {} MB", rss_mb());
+    for (name, v) in [
+        ("pod relabelled", relabel),
+        ("pod added", added),
+        ("policy changed", policy),
+    ] {
+        summary(&format!("compile after {name}"), v);
+    }
+}
+
+fn rss_mb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(0)
 }

@@ -38,8 +38,15 @@ sleep 2
 rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status"); hwm=$(awk '/VmHWM/ {print $2}' "/proc/$pid/status")
 objs=$(ip netns exec "fl${LAB}-n1" curl -s http://127.0.0.1:8471/metrics | awk '/^flannel_policy_nft_objects / {print $2}')
 elems=$(ip netns exec "fl${LAB}-n1" nft list table inet flannel-policy | grep -c "" || true)
+# The API server's own share of the first enforcement: one list of all Pods from
+# its watch cache, as the agent asks for it (curl, best of 3, the agent idle).
+tok=$(awk '/token:/ {print $2}' "$KC")
+list_s=$(for _ in 1 2 3; do ip netns exec "fl${LAB}-cp" curl -s --cacert "$DIR/pki/ca.crt" \
+  -H "Authorization: Bearer $tok" -o /dev/null -w '%{time_total} %{size_download}\n' \
+  "https://198.18.0.1:6443/api/v1/pods?resourceVersion=0&resourceVersionMatch=NotOlderThan"; done | sort -n | head -n1)
 echo "flannel-rs NetworkPolicy benchmark: PODS=$PODS POLICIES=$POLICIES (2 cores, $(uname -r))"
 echo "  first enforcement after start          : ${first} s  (${line#*network policy: })"
+echo "  the API server's list of all Pods      : ${list_s% *} s, $(( ${list_s#* } / 1048576 )) MB (from its cache; curl, best of 3)"
 echo "  RSS after sync / peak (VmHWM)          : $((rss / 1024)) MB / $((hwm / 1024)) MB  (${rss} kB / ${hwm} kB)"
 echo "  nft objects (sets+elements+chains+rules+map entries): ${objs}; table listing ${elems} lines"
 ip netns exec "fl${LAB}-cp" "$PB" changes "$KC" "$ROUNDS" "/run/netns/fl${LAB}-n1"
