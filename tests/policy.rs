@@ -843,7 +843,7 @@ fn the_largest_objects_compile_to_a_table_nft_accepts() {
             "status": {"phase": "Running", "podIP": format!("10.244.0.{}", 10 + i)}
         }))
         .unwrap();
-        let p = model::PodInfo::from_api(&pod).unwrap();
+        let p = model::PodInfo::from_api(&pod, &mut model::Interner::default()).unwrap();
         c.pods.insert((p.ns.clone(), p.name.clone()), p);
     }
     let np: k8s_openapi::api::networking::v1::NetworkPolicy = serde_json::from_value(serde_json::json!({

@@ -263,9 +263,11 @@ impl<K: DeserializeOwned> ListReader<K> {
             return Err(truncated());
         }
         let rv = match self.split.meta.take() {
-            Some(m) => serde_json::from_slice::<ListMetaLite>(&m)
-                .map_err(kube::Error::SerdeError)?
-                .resource_version,
+            Some(m) => {
+                serde_json::from_slice::<ListMetaLite>(&m)
+                    .map_err(kube::Error::SerdeError)?
+                    .resource_version
+            }
             None => None,
         };
         Ok(Read::End(rv))
@@ -319,6 +321,50 @@ mod tests {
         assert!(s.complete());
         assert_eq!(items(&s), [serde_json::json!({"a":1})]);
         assert!(s.meta.is_some());
+    }
+
+    #[derive(Debug, serde::Deserialize, PartialEq)]
+    struct Named {
+        name: String,
+    }
+
+    fn reader(body: &'static str) -> ListReader<Named> {
+        ListReader {
+            body: Box::pin(futures::io::Cursor::new(body.as_bytes())),
+            split: Splitter::default(),
+            skipped: 0,
+            first_error: None,
+            done: false,
+            _kind: std::marker::PhantomData,
+        }
+    }
+
+    async fn read_all(r: &mut ListReader<Named>) -> kube::Result<(Vec<String>, Option<String>)> {
+        let mut names = Vec::new();
+        loop {
+            match r.next().await? {
+                Read::Item(n) => names.push(n.name),
+                Read::End(rv) => return Ok((names, rv)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn one_undecodable_item_is_left_out_and_counted() {
+        let mut r = reader(
+            r#"{"metadata":{"resourceVersion":"9"},"items":[{"name":"a"},{"name":5},{"name":"c"}]}"#,
+        );
+        let (names, rv) = read_all(&mut r).await.unwrap();
+        assert_eq!(names, ["a", "c"]);
+        assert_eq!(rv.as_deref(), Some("9"));
+        assert_eq!(r.skipped, 1);
+        assert!(r.first_error.as_deref().unwrap().contains("invalid type"));
+    }
+
+    #[tokio::test]
+    async fn a_cut_off_response_is_an_error_not_a_short_list() {
+        let mut r = reader(r#"{"metadata":{"resourceVersion":"9"},"items":[{"name":"a"},{"na"#);
+        assert!(read_all(&mut r).await.is_err());
     }
 
     #[test]
